@@ -1,0 +1,328 @@
+"""Diagnostics for variational approximations.
+
+For a fitted density ``q`` (any torch ``Distribution`` with ``sample``/``log_prob``)
+against an unnormalised target ``p̃`` with known ``log Z``:
+
+* :func:`kl_divergence` — ``KL(q‖p) = E_q[log q − log p̃] + log Z`` (nats) with its
+  Monte-Carlo standard error;
+* :func:`evaluate_density` — KL, ELBO, importance-sampling ESS, PSIS k̂ and an
+  importance-sampling estimate of ``log Z``, all from one batch of samples.
+
+For a guide against a Pyro model: :func:`evaluate_guide` — ELBO, IWAE bound, k̂ and ESS
+from the log weights ``log p(x, z) − log q(z)``.
+
+The helpers :func:`psis_khat`, :func:`ess_fraction` and :func:`log_mean_exp` work on any
+vector of log importance weights.
+
+Example::
+
+    >>> import torch, pyro.distributions as dist
+    >>> from pyro_nfvi.diagnostics import evaluate_density
+    >>> p = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    >>> class StdNormal:  # an unnormalised target with known log Z
+    ...     log_Z = float(torch.log(torch.tensor(2 * torch.pi)))
+    ...     def log_prob_unnormalized(self, z):
+    ...         return -0.5 * (z ** 2).sum(-1)
+    >>> d = evaluate_density(p, StdNormal(), num_samples=2000, seed=0)
+    >>> abs(d["kl"]) < 1e-6 and d["ess"] > 0.999
+    True
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.importance import vectorized_importance_weights
+from pyro.ops.stats import fit_generalized_pareto
+
+__all__ = [
+    "log_mean_exp",
+    "ess_fraction",
+    "psis_khat",
+    "kl_divergence",
+    "evaluate_density",
+    "evaluate_guide",
+    "importance_log_weights",
+]
+
+
+def log_mean_exp(log_w: torch.Tensor) -> Tuple[float, float]:
+    """``log mean exp(log_w)`` and its delta-method standard error
+    ``std(w) / (sqrt(n) mean(w))``.
+
+    >>> import torch
+    >>> log_mean_exp(torch.zeros(10))
+    (0.0, 0.0)
+    """
+    log_w = log_w.detach().double().reshape(-1)
+    n = log_w.numel()
+    est = torch.logsumexp(log_w, 0) - math.log(n)
+    w = (log_w - est).exp()  # normalised so that mean(w) = 1
+    se = float(w.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    return float(est), se
+
+
+def ess_fraction(log_w: torch.Tensor) -> float:
+    """Importance-sampling effective sample size ``(Σw)² / Σw²`` divided by ``n``
+    (1 when all weights are equal).
+
+    >>> import torch
+    >>> ess_fraction(torch.zeros(5))
+    1.0
+    """
+    log_w = log_w.detach().double().reshape(-1)
+    n = log_w.numel()
+    return float((2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)).exp() / n)
+
+
+def psis_khat(log_w: torch.Tensor) -> float:
+    """Pareto-smoothed importance sampling tail index k̂ of the weights ``exp(log_w)``
+    (Vehtari et al.), computed exactly as :func:`pyro.infer.importance.psis_diagnostic`
+    does (the largest ``min(0.2 n, 3 sqrt(n))`` weights, fitted with
+    :func:`pyro.ops.stats.fit_generalized_pareto`), but on given weights.
+
+    k̂ < 0.5: good; 0.5–0.7: usable; > 0.7: poor (unreliable importance sampling).
+    Returns ``inf`` (with a warning) when there are too few tail samples, and ``-inf``
+    when all weights are equal (q = p up to a constant).
+    """
+    log_w = log_w.detach().double().reshape(-1)
+    n = log_w.numel()
+    log_w = torch.sort(log_w - log_w.max())[0]
+    if float(log_w[-1] - log_w[0]) < 1e-10:  # constant weights: q = p exactly
+        return -float("inf")
+    cutoff_index = -int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n)))) - 1
+    if -cutoff_index > n:
+        cutoff_index = -n
+    lw_cutoff = max(math.log(1.0e-15), float(log_w[cutoff_index]))
+    tail = log_w[log_w > lw_cutoff]
+    if tail.numel() < 10:
+        warnings.warn("Not enough tail samples to compute PSIS k-hat; increase num_samples.")
+        return float("inf")
+    exceed = tail.exp() - math.exp(lw_cutoff)
+    if float(exceed.max()) <= 0.0:  # all tail weights equal: bounded weights
+        return -float("inf")
+    k, _ = fit_generalized_pareto(exceed)
+    return float(k)
+
+
+def _log_density_and_log_Z(target: Any, log_Z: Optional[float]) -> Tuple[Callable, Optional[float]]:
+    if hasattr(target, "log_prob_unnormalized"):
+        fn = target.log_prob_unnormalized
+        if log_Z is None:
+            log_Z = getattr(target, "log_Z", None)
+    elif callable(target):
+        fn = target
+    else:
+        raise TypeError("target must have log_prob_unnormalized(z) or be a callable")
+    return fn, None if log_Z is None else float(log_Z)
+
+
+@torch.no_grad()
+def _density_log_weights(q: Any, log_p: Callable, num_samples: int, batch: int = 20000) -> torch.Tensor:
+    out = []
+    remaining = num_samples
+    while remaining > 0:
+        m = min(batch, remaining)
+        z = q.sample((m,))
+        out.append((log_p(z).double() - q.log_prob(z).double()).reshape(-1))
+        remaining -= m
+    return torch.cat(out)
+
+
+def _check_num_samples(num_samples: Any) -> int:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    return num_samples
+
+
+def kl_divergence(
+    q: Any,
+    target: Any,
+    num_samples: int = 10000,
+    log_Z: Optional[float] = None,
+    seed: Optional[int] = None,
+) -> Tuple[float, float]:
+    """Monte-Carlo ``KL(q‖p) = E_q[log q − log p̃] + log Z`` in nats, with its standard
+    error ``std(log q − log p̃) / sqrt(n)``.
+
+    :param q: a distribution with ``sample`` and ``log_prob``.
+    :param target: a :class:`~pyro_nfvi.targets.Target` (or anything with
+        ``log_prob_unnormalized`` and ``log_Z``), or a callable ``z -> log p̃(z)``
+        together with ``log_Z``.
+    :returns: ``(kl, se)``.
+
+    >>> import torch, pyro.distributions as dist
+    >>> q = dist.Normal(torch.zeros(1), 1.0).to_event(1)
+    >>> p = lambda z: dist.Normal(1.0, 1.0).log_prob(z).sum(-1)
+    >>> kl, se = kl_divergence(q, p, 20000, log_Z=0.0, seed=0)   # exact: 0.5
+    >>> abs(kl - 0.5) < 4 * se
+    True
+    """
+    num_samples = _check_num_samples(num_samples)
+    log_p, log_Z = _log_density_and_log_Z(target, log_Z)
+    if log_Z is None:
+        raise ValueError("kl_divergence needs log_Z (target.log_Z or the log_Z argument)")
+    if seed is not None:
+        torch.manual_seed(seed)
+    lw = _density_log_weights(q, log_p, num_samples)
+    return float(log_Z - lw.mean()), float(lw.std() / math.sqrt(num_samples))
+
+
+def evaluate_density(
+    q: Any,
+    target: Any,
+    num_samples: int = 10000,
+    log_Z: Optional[float] = None,
+    seed: Optional[int] = None,
+) -> Dict[str, float]:
+    """All density diagnostics from one batch of ``num_samples`` draws ``z ~ q``, with
+    log weights ``log w = log p̃(z) − log q(z)``:
+
+    * ``kl``, ``kl_se``: ``log Z − mean(log w)`` (nats) and its standard error
+      (``nan`` if ``log Z`` is unknown);
+    * ``elbo``, ``elbo_se``: ``mean(log w)``;
+    * ``log_Z_is``, ``log_Z_is_se``: importance-sampling estimate ``log mean w``;
+    * ``log_Z``: the true ``log Z`` (or ``nan``);
+    * ``ess``: effective sample size as a fraction of ``num_samples``;
+    * ``k_hat``: PSIS tail index (< 0.5 good, > 0.7 bad);
+    * ``num_samples``.
+    """
+    num_samples = _check_num_samples(num_samples)
+    log_p, log_Z = _log_density_and_log_Z(target, log_Z)
+    if seed is not None:
+        torch.manual_seed(seed)
+    lw = _density_log_weights(q, log_p, num_samples)
+    elbo = float(lw.mean())
+    elbo_se = float(lw.std() / math.sqrt(num_samples))
+    lz, lz_se = log_mean_exp(lw)
+    return {
+        "kl": (log_Z - elbo) if log_Z is not None else float("nan"),
+        "kl_se": elbo_se if log_Z is not None else float("nan"),
+        "elbo": elbo,
+        "elbo_se": elbo_se,
+        "log_Z": log_Z if log_Z is not None else float("nan"),
+        "log_Z_is": lz,
+        "log_Z_is_se": lz_se,
+        "ess": ess_fraction(lw),
+        "k_hat": psis_khat(lw),
+        "num_samples": num_samples,
+    }
+
+
+def _guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    dims = [
+        -f.dim
+        for tr in (model_trace, guide_trace)
+        for site in tr.nodes.values()
+        if site["type"] == "sample"
+        for f in site["cond_indep_stack"]
+        if f.vectorized and f.dim is not None
+    ]
+    return max(dims, default=0)
+
+
+@torch.no_grad()
+def importance_log_weights(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 1000,
+    max_plate_nesting: Optional[int] = None,
+    vectorize: Optional[bool] = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """``num_samples`` log weights ``log p(x, z) − log q(z)``, ``z ~ guide``.
+
+    Vectorised over an outer ``pyro.plate`` (Pyro's
+    :func:`~pyro.infer.importance.vectorized_importance_weights`) when ``vectorize`` is
+    ``True`` or ``None``; if that fails and ``vectorize`` is ``None``, falls back to a
+    loop over samples with ``poutine.trace``/``poutine.replay``.
+    """
+    num_samples = _check_num_samples(num_samples)
+    if vectorize is not False:
+        try:
+            mpn = max_plate_nesting
+            if mpn is None:
+                mpn = _guess_max_plate_nesting(model, guide, args, kwargs)
+            with poutine.block():
+                lw, _, _ = vectorized_importance_weights(
+                    model, guide, *args, num_samples=num_samples, max_plate_nesting=mpn, **kwargs
+                )
+            if lw.shape == (num_samples,):
+                return lw.detach().double()
+            if vectorize:
+                raise ValueError(f"vectorized log weights have shape {tuple(lw.shape)}")
+        except Exception:
+            if vectorize:
+                raise
+    out = []
+    with poutine.block():
+        for _ in range(num_samples):
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+            out.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
+    return torch.stack(out).detach().double()
+
+
+def evaluate_guide(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 1000,
+    max_plate_nesting: Optional[int] = None,
+    vectorize: Optional[bool] = None,
+    **kwargs: Any,
+) -> Dict[str, float]:
+    """Evaluate a guide against a Pyro model from ``num_samples`` importance weights.
+
+    Returns a dict with
+
+    * ``elbo``, ``elbo_se``: ``mean(log w)`` and its standard error;
+    * ``iwae``: the importance-weighted bound ``log mean exp(log w)`` (≥ ELBO in
+      expectation, → log evidence as ``num_samples`` grows), ``iwae_se`` (delta method);
+    * ``k_hat``: PSIS tail index, as :func:`pyro.infer.importance.psis_diagnostic`;
+    * ``ess``: importance-sampling ESS as a fraction of ``num_samples``;
+    * ``num_samples``.
+
+    ``args``/``kwargs`` are passed to model and guide.
+
+    >>> import torch, pyro, pyro.distributions as dist
+    >>> def model():
+    ...     pyro.sample("z", dist.Normal(0.0, 1.0))
+    >>> def guide():
+    ...     pyro.sample("z", dist.Normal(0.0, 1.0))
+    >>> d = evaluate_guide(model, guide, num_samples=100)
+    >>> abs(d["elbo"]) < 1e-6 and abs(d["iwae"]) < 1e-6
+    True
+    """
+    lw = importance_log_weights(
+        model,
+        guide,
+        *args,
+        num_samples=num_samples,
+        max_plate_nesting=max_plate_nesting,
+        vectorize=vectorize,
+        **kwargs,
+    )
+    iwae, iwae_se = log_mean_exp(lw)
+    return {
+        "elbo": float(lw.mean()),
+        "elbo_se": float(lw.std() / math.sqrt(lw.numel())),
+        "iwae": iwae,
+        "iwae_se": iwae_se,
+        "k_hat": psis_khat(lw),
+        "ess": ess_fraction(lw),
+        "num_samples": int(lw.numel()),
+    }

@@ -1,0 +1,164 @@
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer.autoguide import AutoNormal
+
+from pyro_nfvi.diagnostics import kl_divergence
+from pyro_nfvi.infer import DensityFit, fit, fit_density
+
+
+def _model(x):
+    mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+    with pyro.plate("data", len(x)):
+        pyro.sample("obs", dist.Normal(mu, 1.0), obs=x)
+
+
+def test_fit_returns_history_and_learns_posterior():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    x = torch.full((9,), 2.0)
+    guide = AutoNormal(_model)
+    hist = fit(_model, guide, x, num_steps=400, optim=pyro.optim.Adam({"lr": 0.05}),
+               progress=False)
+    assert len(hist) == 400 and all(isinstance(h, float) for h in hist)
+    assert sum(hist[-50:]) / 50 < sum(hist[:50]) / 50
+    # exact posterior N(sum x / (n + 1), 1 / (n + 1)) = N(1.8, 0.1)
+    assert abs(float(guide.median()["mu"]) - 1.8) < 0.1
+
+
+def test_fit_progress_bar_runs(capsys):
+    pyro.clear_param_store()
+    hist = fit(_model, AutoNormal(_model), torch.ones(3), num_steps=5, progress=True)
+    assert len(hist) == 5
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", True])
+def test_fit_validates_num_steps(bad):
+    with pytest.raises(ValueError):
+        fit(_model, AutoNormal(_model), torch.ones(3), num_steps=bad, progress=False)
+
+
+def test_fit_raises_on_nan_naming_the_step():
+    pyro.clear_param_store()
+    calls = {"n": 0}
+
+    def model():
+        calls["n"] += 1
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        bad = torch.tensor(float("nan")) if calls["n"] > 3 else torch.tensor(0.0)
+        pyro.factor("f", bad + 0 * z)
+
+    def guide():
+        loc = pyro.param("loc", torch.tensor(0.0))
+        pyro.sample("z", dist.Normal(loc, 1.0))
+
+    with pyro.validation_enabled(False):  # Pyro's validation would reject the NaN factor
+        with pytest.raises(FloatingPointError, match="step 3"):
+            fit(model, guide, num_steps=10, progress=False)
+
+
+def test_fit_raises_on_inf_naming_the_step():
+    pyro.clear_param_store()
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(float("inf")))
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+    with pytest.raises(FloatingPointError, match="step 0"):
+        fit(model, guide, num_steps=10, progress=False)
+
+
+def test_fit_names_the_step_of_pyro_validation_errors():
+    pyro.clear_param_store()
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.factor("f", torch.tensor(float("nan")) + 0 * z)
+
+    def guide():
+        pyro.sample("z", dist.Normal(pyro.param("loc", torch.tensor(0.0)), 1.0))
+
+    with pytest.raises(ValueError, match="step 0"):
+        fit(model, guide, num_steps=10, progress=False)
+
+
+class _Gaussian:
+    """N(mu, diag(s^2)) target with known log Z, written unnormalised."""
+
+    def __init__(self, mu, s, c=1.7):
+        self.mu, self.s, self.c = torch.tensor(mu), torch.tensor(s), c
+        self.log_Z = c + float(torch.log(2 * math.pi * self.s ** 2).sum() / 2)
+
+    def log_prob_unnormalized(self, z):
+        return self.c - 0.5 * (((z - self.mu) / self.s) ** 2).sum(-1)
+
+
+def _planar(k):
+    try:
+        from pyro_nfvi.helpers import planar_flow
+        return planar_flow(2, k)
+    except ImportError:  # pragma: no cover
+        from pyro.distributions.transforms import ComposeTransformModule, Planar
+        return ComposeTransformModule([Planar(2) for _ in range(k)])
+
+
+def test_fit_density_reduces_kl_on_gaussian():
+    torch.manual_seed(0)
+    target = _Gaussian([1.0, -0.5], [0.5, 1.5])
+    flow = _planar(4)
+    base = dist.TransformedDistribution(dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1), [flow])
+    kl0, _ = kl_divergence(base, target, 4000)
+    res = fit_density(flow, target, num_steps=300, affine=True, progress=False, seed=0)
+    assert isinstance(res, DensityFit)
+    assert len(res.losses) == 300 and len(res.betas) == 300
+    assert res.betas[0] == pytest.approx(0.01) and res.betas[-1] == 1.0
+    kl1, se = kl_divergence(res.q, target, 4000)
+    assert kl1 < 0.05 < kl0
+    # the loss at beta = 1 estimates KL - log Z
+    assert abs(sum(res.losses[-50:]) / 50 - (kl1 - target.log_Z)) < 0.05
+    assert res["seconds"] > 0
+
+
+def test_fit_density_with_callable_target_and_list_of_transforms():
+    from pyro.distributions.transforms import Planar
+    target = _Gaussian([0.0, 0.0], [2.0, 0.5], c=0.0)
+    res = fit_density([Planar(2), Planar(2)], target.log_prob_unnormalized, num_steps=200,
+                      affine=True, progress=False, seed=1)
+    z = res.q.rsample((7,))
+    assert z.shape == (7, 2)
+    kl, _ = kl_divergence(res.q, target.log_prob_unnormalized, 4000, log_Z=target.log_Z)
+    assert kl < 0.1
+
+
+def test_fit_density_u1_briefly_improves():
+    from pyro_nfvi.targets import get_target
+    t = get_target("U1")
+    flow = _planar(8)
+    q0 = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    kl0, _ = kl_divergence(q0, t, 4000, seed=0)
+    res = fit_density(flow, t, num_steps=800, progress=False, seed=0)
+    kl, se = kl_divergence(res.q, t, 4000, seed=0)
+    assert kl0 > 4.0 and kl < 0.5
+
+
+def test_fit_density_validates():
+    from pyro.distributions.transforms import Planar
+    t = _Gaussian([0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(ValueError):
+        fit_density(Planar(2), t, num_steps=0, progress=False)
+    with pytest.raises(ValueError):
+        fit_density(Planar(2), t, num_steps=5, beta0=0.0, progress=False)
+    with pytest.raises(TypeError):
+        fit_density("planar", t, num_steps=5, progress=False)
+
+
+def test_fit_density_raises_on_nan():
+    from pyro.distributions.transforms import Planar
+    with pytest.raises(FloatingPointError, match="step 0"):
+        fit_density(Planar(2), lambda z: z.sum(-1) * float("nan"), num_steps=5, progress=False)
