@@ -1,0 +1,145 @@
+"""One-line constructors for the flows, named as in :mod:`pyro.distributions.transforms`.
+
+>>> import torch, pyro.distributions as dist
+>>> from pyro_nfvi import helpers
+>>> flow = helpers.planar_flow(2, num_flows=16)
+>>> q = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow])
+>>> q.log_prob(torch.zeros(3, 2)).shape
+torch.Size([3])
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+from pyro.nn import DenseNN
+
+from .transforms._base import check_hidden_dims, check_input_dim
+from .transforms.planar import (
+    ConditionalPlanar,
+    ConditionalStackedPlanar,
+    Planar,
+    StackedPlanar,
+)
+from .transforms.radial import (
+    ConditionalRadial,
+    ConditionalStackedRadial,
+    Radial,
+    StackedRadial,
+)
+
+__all__ = [
+    "planar",
+    "radial",
+    "conditional_planar",
+    "conditional_radial",
+    "planar_flow",
+    "radial_flow",
+    "conditional_planar_flow",
+    "conditional_radial_flow",
+]
+
+
+def _hidden(input_dim: int, hidden_dims: Optional[Sequence[int]]) -> list:
+    if hidden_dims is None:
+        return [10 * input_dim, 10 * input_dim]  # Pyro's default
+    return check_hidden_dims(hidden_dims)
+
+
+def planar(input_dim: int) -> Planar:
+    """A :class:`~pyro_nfvi.transforms.Planar` layer of dimension ``input_dim``."""
+    return Planar(check_input_dim(input_dim))
+
+
+def radial(input_dim: int) -> Radial:
+    """A :class:`~pyro_nfvi.transforms.Radial` layer of dimension ``input_dim``."""
+    return Radial(check_input_dim(input_dim))
+
+
+def conditional_planar(
+    input_dim: int, context_dim: int, hidden_dims: Optional[Sequence[int]] = None
+) -> ConditionalPlanar:
+    """A :class:`~pyro_nfvi.transforms.ConditionalPlanar` whose hypernetwork is a
+    ``DenseNN(context_dim, hidden_dims, param_dims=[1, D, D])``; default hidden dims
+    ``[10 * input_dim, 10 * input_dim]`` (as Pyro).
+
+    >>> import torch
+    >>> flow = conditional_planar(2, context_dim=3)
+    >>> flow.condition(torch.randn(3))(torch.randn(2)).shape
+    torch.Size([2])
+    """
+    input_dim = check_input_dim(input_dim)
+    context_dim = check_input_dim(context_dim, "context_dim")
+    hypernet = DenseNN(context_dim, _hidden(input_dim, hidden_dims), [1, input_dim, input_dim])
+    return ConditionalPlanar(hypernet)
+
+
+def conditional_radial(
+    input_dim: int, context_dim: int, hidden_dims: Optional[Sequence[int]] = None
+) -> ConditionalRadial:
+    """A :class:`~pyro_nfvi.transforms.ConditionalRadial` whose hypernetwork is a
+    ``DenseNN(context_dim, hidden_dims, param_dims=[D, 1, 1])``.
+
+    >>> import torch
+    >>> flow = conditional_radial(2, context_dim=3)
+    >>> flow.condition(torch.randn(4, 3))(torch.randn(4, 2)).shape
+    torch.Size([4, 2])
+    """
+    input_dim = check_input_dim(input_dim)
+    context_dim = check_input_dim(context_dim, "context_dim")
+    hypernet = DenseNN(context_dim, _hidden(input_dim, hidden_dims), [input_dim, 1, 1])
+    return ConditionalRadial(hypernet)
+
+
+def planar_flow(input_dim: int, num_flows: int) -> StackedPlanar:
+    """``num_flows`` planar layers as ONE :class:`~pyro.distributions.TransformModule`
+    (a :class:`~pyro_nfvi.transforms.StackedPlanar`), equal to composing ``num_flows``
+    :func:`planar` layers.
+
+    >>> import torch
+    >>> planar_flow(2, num_flows=32)(torch.zeros(5, 2)).shape
+    torch.Size([5, 2])
+    """
+    return StackedPlanar(check_input_dim(input_dim), check_input_dim(num_flows, "num_flows"))
+
+
+def radial_flow(input_dim: int, num_flows: int) -> StackedRadial:
+    """``num_flows`` radial layers as ONE :class:`~pyro.distributions.TransformModule`
+    (a :class:`~pyro_nfvi.transforms.StackedRadial`)."""
+    return StackedRadial(check_input_dim(input_dim), check_input_dim(num_flows, "num_flows"))
+
+
+def conditional_planar_flow(
+    input_dim: int,
+    context_dim: int,
+    num_flows: int,
+    hidden_dims: Optional[Sequence[int]] = None,
+) -> ConditionalStackedPlanar:
+    """``num_flows`` conditional planar layers whose parameters all come from one
+    ``DenseNN`` call on the context.
+
+    >>> import torch
+    >>> flow = conditional_planar_flow(2, context_dim=3, num_flows=8)
+    >>> flow.condition(torch.randn(4, 3))(torch.randn(4, 2)).shape
+    torch.Size([4, 2])
+    """
+    input_dim = check_input_dim(input_dim)
+    context_dim = check_input_dim(context_dim, "context_dim")
+    K = check_input_dim(num_flows, "num_flows")
+    hypernet = DenseNN(context_dim, _hidden(input_dim, hidden_dims), [K, K * input_dim, K * input_dim])
+    return ConditionalStackedPlanar(hypernet, input_dim)
+
+
+def conditional_radial_flow(
+    input_dim: int,
+    context_dim: int,
+    num_flows: int,
+    hidden_dims: Optional[Sequence[int]] = None,
+) -> ConditionalStackedRadial:
+    """``num_flows`` conditional radial layers whose parameters all come from one
+    ``DenseNN`` call on the context."""
+    input_dim = check_input_dim(input_dim)
+    context_dim = check_input_dim(context_dim, "context_dim")
+    K = check_input_dim(num_flows, "num_flows")
+    hypernet = DenseNN(context_dim, _hidden(input_dim, hidden_dims), [K * input_dim, K, K])
+    return ConditionalStackedRadial(hypernet, input_dim)

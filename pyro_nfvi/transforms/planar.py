@@ -1,0 +1,420 @@
+r"""Planar flows (Rezende & Mohamed 2015, eq. 10 and App. A.1) with exact inverses.
+
+.. math::
+
+    y = x + \hat u \tanh(w^\top x + b),\qquad
+    \hat u = u + \big(\operatorname{softplus}(w^\top u) - 1 - w^\top u\big)\frac{w}{\|w\|^2},
+
+so that :math:`w^\top\hat u = \operatorname{softplus}(w^\top u) - 1 > -1` and the map is a
+bijection of :math:`\mathbb{R}^D`. With :math:`t = \tanh(w^\top x + b)`,
+
+.. math::
+
+    \log|\det J| = \log\big(1 + w^\top\hat u\,(1 - t^2)\big)
+                 = \log\big(t^2 + q\,(1 - t^2)\big),\qquad q = 1 + w^\top\hat u > 0,
+
+written in the second form because it has no cancellation when :math:`w^\top u \ll -1`.
+
+**Inverse.** With :math:`c = w^\top y + b` the pre-activation :math:`a = w^\top x + b`
+solves the scalar equation :math:`a + (w^\top\hat u)\tanh a = c`, whose left side is
+strictly increasing and lies within :math:`|w^\top\hat u|` of :math:`a`; we solve it by
+Newton's method safeguarded by bisection on :math:`[c - |w^\top\hat u|, c + |w^\top\hat u|]`,
+then :math:`x = y - \hat u\tanh a`. Gradients flow through the inverse by one last Newton
+step taken with the solution detached, which is the implicit-function-theorem derivative.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Tuple, Union
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.torch_transform import TransformModule
+from torch.distributions import constraints
+
+from ._base import (
+    LadjCacheMixin,
+    check_context,
+    check_event,
+    check_input_dim,
+    nn_context_dim,
+)
+
+__all__ = [
+    "ConditionedPlanar",
+    "Planar",
+    "ConditionalPlanar",
+    "ConditionedStackedPlanar",
+    "StackedPlanar",
+    "ConditionalStackedPlanar",
+]
+
+Params = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def planar_u_hat(u: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(u_hat, q)`` with ``q = 1 + w·u_hat > 0`` (shape ``(..., 1)``).
+
+    ``‖w‖²`` is floored at ``eps²`` so that ``w = 0`` gives ``u_hat = u`` (the map is
+    then a translation and already invertible) instead of NaN.
+    """
+    a = (w * u).sum(-1, keepdim=True)
+    sp = F.softplus(a)
+    wnorm2 = (w * w).sum(-1, keepdim=True)
+    floor = torch.finfo(wnorm2.dtype).eps ** 2
+    denom = wnorm2.clamp_min(floor)
+    u_hat = u + (sp - 1 - a) * (w / denom)
+    # s = 1 except where ||w||^2 < floor; q = 1 + w.u_hat without cancellation.
+    s = wnorm2 / denom
+    q = sp * s + (1 + a) * (1 - s)
+    return u_hat, q.clamp_min(torch.finfo(q.dtype).tiny)
+
+
+def planar_log_det(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``log(1 + (q-1)(1-t²))`` computed as ``log(t² + q(1-t²))`` (no cancellation)."""
+    t2 = t * t
+    return torch.log(torch.addcmul(t2, q, 1 - t2).clamp_min(torch.finfo(t.dtype).tiny))
+
+
+def planar_solve(c: torch.Tensor, q: torch.Tensor, max_iter: int = 200) -> torch.Tensor:
+    """Solve ``a + (q - 1) tanh(a) = c`` for ``a`` elementwise (q > 0), differentiably."""
+    k = q - 1
+    with torch.no_grad():
+        c0, k0 = torch.broadcast_tensors(c.detach(), k.detach())
+        q0 = q.detach().expand_as(c0)
+        width = k0.abs()
+        lo, hi = c0 - width, c0 + width
+        a = c0 - k0 * torch.tanh(c0)  # one fixed-point step, inside the bracket
+        # |step| of the last two iterations; rtsafe compares with the one before last
+        step_last = step_before = hi - lo
+        tol = 4 * torch.finfo(c0.dtype).eps
+        for _ in range(max_iter):
+            t = torch.tanh(a)
+            f = a + k0 * t - c0
+            lo = torch.where(f < 0, a, lo)
+            hi = torch.where(f > 0, a, hi)
+            fp = planar_log_det(t, q0).exp()  # = 1 + k (1 - t^2) > 0
+            step = f / fp
+            a_new = a - step
+            # Bisect where Newton leaves the bracket or does not halve the step of two
+            # iterations ago (as in Numerical Recipes' rtsafe): Newton alone can cycle
+            # on tanh.
+            slow = (2 * step.abs() > step_before) | (a_new < lo) | (a_new > hi)
+            slow = slow | ~torch.isfinite(a_new)
+            a_new = torch.where(slow, 0.5 * (lo + hi), a_new)
+            step_before, step_last = step_last, (a_new - a).abs()
+            done = step_last <= tol * (1 + a.abs())
+            a = a_new
+            if bool(done.all()):
+                break
+    if not (c.requires_grad or q.requires_grad):
+        return a
+    # Implicit-function-theorem gradient: one Newton step from the detached root.
+    t = torch.tanh(a)
+    return a - (a + k * t - c) / planar_log_det(t, q).exp()
+
+
+def planar_inverse(y, bias, u_hat, w, q) -> torch.Tensor:
+    """Exact inverse of one planar layer. Low-precision inputs are solved in float64:
+    the inverse is off the training hot path, and near-singular layers (``q`` small)
+    amplify rounding in ``w·y``."""
+    dtype = y.dtype
+    if dtype in (torch.float16, torch.bfloat16, torch.float32) and y.device.type != "mps":
+        y, bias, u_hat, w, q = (v.double() for v in (y, bias, u_hat, w, q))
+    a = planar_solve((y * w).sum(-1, keepdim=True) + bias, q)
+    return (y - u_hat * torch.tanh(a)).to(dtype)
+
+
+def _unpack_planar(params) -> Params:
+    bias, u, w = params() if callable(params) else params
+    if u.shape[-1] != w.shape[-1] or bias.shape[-1:] != (1,):
+        raise ValueError(
+            "planar params must be (bias (..., 1), u (..., D), w (..., D)); got shapes "
+            f"{tuple(bias.shape)}, {tuple(u.shape)}, {tuple(w.shape)}"
+        )
+    return bias, u, w
+
+
+class ConditionedPlanar(LadjCacheMixin):
+    r"""A planar transform with given parameters ``(bias, u, w)`` (or a callable
+    returning them), with an exact inverse of any point.
+
+    See :class:`Planar` for the math. Parameters may carry batch dimensions (as produced
+    by a hypernetwork); they broadcast against the batch shape of the input.
+
+    :param params: a tuple ``(bias, u, w)`` of shapes ``(..., 1), (..., D), (..., D)``
+        or a callable returning one.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, params: Union[Params, Callable[[], Params]], cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self._params = params
+
+    def _planar_params(self):
+        bias, u, w = _unpack_planar(self._params)
+        u_hat, q = planar_u_hat(u, w)
+        return bias, u_hat, w, q
+
+    def u_hat(self, u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """The constrained ``u`` with ``w·u_hat > -1`` (same name as in Pyro)."""
+        return planar_u_hat(u, w)[0]
+
+    def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y, log|det dy/dx|)`` in one pass."""
+        bias, u_hat, w, q = self._planar_params()
+        check_event(x, w.shape[-1])
+        t = torch.tanh((x * w).sum(-1, keepdim=True) + bias)
+        return x + u_hat * t, planar_log_det(t, q).squeeze(-1)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        bias, u_hat, w, q = self._planar_params()
+        check_event(y, w.shape[-1], "y")
+        return planar_inverse(y, bias, u_hat, w, q)
+
+
+class Planar(ConditionedPlanar, TransformModule):
+    r"""A learnable planar flow layer (Rezende & Mohamed 2015),
+
+    .. math::
+
+        y = x + \hat u \tanh(w^\top x + b),
+
+    with :math:`\hat u` constrained so that :math:`w^\top\hat u > -1` (invertible). Unlike
+    :class:`pyro.distributions.transforms.Planar`, the inverse of *any* point is
+    computed (a safeguarded Newton solve of one scalar equation), so
+    ``TransformedDistribution(base, [Planar(D)]).log_prob(data)`` works on data that was
+    never sampled, with correct gradients (maximum-likelihood training).
+
+    Example:
+
+    >>> import torch, pyro.distributions as dist
+    >>> from pyro_nfvi.transforms import Planar
+    >>> flow = Planar(2)
+    >>> q = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow])
+    >>> q.log_prob(torch.tensor([[0.5, -1.0], [3.0, 2.0]])).shape
+    torch.Size([2])
+
+    :param input_dim: dimension ``D`` of the input and output.
+
+    Reference: D. J. Rezende, S. Mohamed. Variational Inference with Normalizing Flows.
+    ICML 2015, arXiv:1505.05770.
+    """
+
+    def __init__(self, input_dim: int):
+        input_dim = check_input_dim(input_dim)
+        super().__init__(self._params_tuple)
+        self.input_dim = input_dim
+        self.bias = nn.Parameter(torch.empty(1))
+        self.u = nn.Parameter(torch.empty(input_dim))
+        self.w = nn.Parameter(torch.empty(input_dim))
+        self.reset_parameters()
+
+    def _params_tuple(self) -> Params:
+        return self.bias, self.u, self.w
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.input_dim)
+        with torch.no_grad():
+            self.u.uniform_(-bound, bound)
+            self.w.uniform_(-bound, bound)
+            self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}"
+
+
+class ConditionalPlanar(ConditionalTransformModule):
+    r"""A planar flow whose parameters ``(bias, u, w)`` are produced by a hypernetwork
+    from a context: ``ConditionalPlanar(nn).condition(context)`` is a
+    :class:`ConditionedPlanar`.
+
+    A context of batch shape ``(N,)`` yields parameters of batch shape ``(N,)``, which
+    broadcast against the batch shape of the input: row ``i`` of the input is transformed
+    with the parameters of context row ``i``.
+
+    Example:
+
+    >>> import torch, pyro.distributions as dist
+    >>> from pyro.nn import DenseNN
+    >>> from pyro_nfvi.transforms import ConditionalPlanar
+    >>> hyper = DenseNN(3, [20, 20], param_dims=[1, 2, 2])
+    >>> flow = ConditionalPlanar(hyper)
+    >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    >>> q = dist.ConditionalTransformedDistribution(base, [flow])
+    >>> context = torch.randn(5, 3)
+    >>> q.condition(context).sample().shape
+    torch.Size([5, 2])
+
+    :param nn: a module mapping a context ``(..., M)`` to a tuple of tensors of shapes
+        ``(..., 1), (..., D), (..., D)`` (e.g. ``DenseNN(M, hidden, param_dims=[1, D, D])``).
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, nn: torch.nn.Module):
+        super().__init__()
+        self.nn = nn
+        self.context_dim = nn_context_dim(nn)
+
+    def condition(self, context: torch.Tensor) -> ConditionedPlanar:
+        check_context(context, self.context_dim)
+        # Lazy, as in Pyro: the conditioned transform re-reads the hypernetwork, so it
+        # stays valid across optimiser steps.
+        return ConditionedPlanar(partial(self.nn, context))
+
+
+def _unpack_stacked_planar(params) -> Params:
+    bias, u, w = params() if callable(params) else params
+    if u.dim() < 2 or u.shape[-2:] != w.shape[-2:] or bias.shape[-2:] != (u.shape[-2], 1):
+        raise ValueError(
+            "stacked planar params must be (bias (..., K, 1), u (..., K, D), w (..., K, D)); "
+            f"got shapes {tuple(bias.shape)}, {tuple(u.shape)}, {tuple(w.shape)}"
+        )
+    return bias, u, w
+
+
+def stacked_planar_forward(x, bias, u_hat, w, q):
+    """K planar layers in one pass; parameters stacked along dim -2 (layer ``k`` is
+    ``[..., k, :]``). Returns ``(y, ladj)``: the log-dets of all layers are computed at
+    the end in one vectorised op from the stored activations."""
+    ts = []
+    for k in range(w.shape[-2]):
+        t = torch.tanh((x * w[..., k, :]).sum(-1, keepdim=True) + bias[..., k, :])
+        x = x + u_hat[..., k, :] * t
+        ts.append(t)
+    t = torch.cat(ts, dim=-1)
+    return x, planar_log_det(t, q.squeeze(-1)).sum(-1)
+
+
+class ConditionedStackedPlanar(LadjCacheMixin):
+    r"""``K`` planar layers applied in order, with parameters stacked along a layer
+    dimension: ``(bias (..., K, 1), u (..., K, D), w (..., K, D))`` or a callable
+    returning them. Same map as composing ``K`` :class:`ConditionedPlanar`, one module,
+    fewer ops. The inverse inverts layer by layer, each exactly.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, params: Union[Params, Callable[[], Params]], cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self._params = params
+
+    def _planar_params(self):
+        bias, u, w = _unpack_stacked_planar(self._params)
+        u_hat, q = planar_u_hat(u, w)
+        return bias, u_hat, w, q
+
+    def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y, log|det dy/dx|)`` in one pass."""
+        bias, u_hat, w, q = self._planar_params()
+        check_event(x, w.shape[-1])
+        return stacked_planar_forward(x, bias, u_hat, w, q)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        bias, u_hat, w, q = self._planar_params()
+        check_event(y, w.shape[-1], "y")
+        for k in reversed(range(w.shape[-2])):
+            y = planar_inverse(y, bias[..., k, :], u_hat[..., k, :], w[..., k, :], q[..., k, :])
+        return y
+
+
+class StackedPlanar(ConditionedStackedPlanar, TransformModule):
+    r"""``num_flows`` learnable planar layers in one module (parameters stacked in
+    ``(K, D)`` tensors). The map, log-det and inverse equal those of
+    ``ComposeTransformModule([Planar(D) for _ in range(K)])`` with the same parameters;
+    one pass computes ``y`` and the summed log-det.
+
+    Example:
+
+    >>> import torch
+    >>> from pyro_nfvi.transforms import StackedPlanar
+    >>> flow = StackedPlanar(2, num_flows=8)
+    >>> x = torch.randn(4, 2)
+    >>> y, ladj = flow.call_and_ladj(x)
+    >>> torch.allclose(flow.inv(y), x, atol=1e-5), ladj.shape
+    (True, torch.Size([4]))
+
+    :param input_dim: dimension ``D``.
+    :param num_flows: number of layers ``K``.
+    """
+
+    def __init__(self, input_dim: int, num_flows: int):
+        input_dim = check_input_dim(input_dim)
+        num_flows = check_input_dim(num_flows, "num_flows")
+        super().__init__(self._params_tuple)
+        self.input_dim, self.num_flows = input_dim, num_flows
+        self.bias = nn.Parameter(torch.empty(num_flows, 1))
+        self.u = nn.Parameter(torch.empty(num_flows, input_dim))
+        self.w = nn.Parameter(torch.empty(num_flows, input_dim))
+        self.reset_parameters()
+
+    def _params_tuple(self) -> Params:
+        return self.bias, self.u, self.w
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.input_dim)
+        with torch.no_grad():
+            self.u.uniform_(-bound, bound)
+            self.w.uniform_(-bound, bound)
+            self.bias.zero_()
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, num_flows={self.num_flows}"
+
+
+class ConditionalStackedPlanar(ConditionalTransformModule):
+    r"""``K`` conditional planar layers whose parameters all come from ONE hypernetwork
+    call. ``nn`` maps a context ``(..., M)`` to a tuple of shapes
+    ``(..., K), (..., K*D), (..., K*D)`` (e.g. ``DenseNN(M, hidden, param_dims=[K, K*D,
+    K*D])``); ``.condition(context)`` returns a :class:`ConditionedStackedPlanar`.
+
+    Example:
+
+    >>> import torch
+    >>> from pyro.nn import DenseNN
+    >>> from pyro_nfvi.transforms import ConditionalStackedPlanar
+    >>> flow = ConditionalStackedPlanar(DenseNN(3, [16], param_dims=[4, 8, 8]), input_dim=2)
+    >>> flow.condition(torch.randn(5, 3))(torch.randn(5, 2)).shape
+    torch.Size([5, 2])
+
+    :param nn: the hypernetwork.
+    :param input_dim: dimension ``D`` of the flow.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, nn: torch.nn.Module, input_dim: int):
+        super().__init__()
+        self.nn = nn
+        self.input_dim = check_input_dim(input_dim)
+        self.context_dim = nn_context_dim(nn)
+
+    def _params(self, context: torch.Tensor) -> Params:
+        bias, u, w = self.nn(context)
+        D = self.input_dim
+        if u.shape[-1] % D or w.shape[-1] != u.shape[-1] or bias.shape[-1] * D != u.shape[-1]:
+            raise ValueError(
+                f"hypernetwork outputs must have last dims (K, K*{D}, K*{D}); got "
+                f"{tuple(bias.shape)}, {tuple(u.shape)}, {tuple(w.shape)}"
+            )
+        K = bias.shape[-1]
+        return bias.unsqueeze(-1), u.unflatten(-1, (K, D)), w.unflatten(-1, (K, D))
+
+    def condition(self, context: torch.Tensor) -> ConditionedStackedPlanar:
+        check_context(context, self.context_dim)
+        return ConditionedStackedPlanar(partial(self._params, context))

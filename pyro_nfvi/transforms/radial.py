@@ -1,0 +1,363 @@
+r"""Radial flows (Rezende & Mohamed 2015, eq. 14 and App. A.2) with closed-form inverses.
+
+.. math::
+
+    y = x + \beta h(r)(x - x_0),\qquad r = \|x - x_0\|,\quad h = \frac{1}{\alpha + r},
+
+with :math:`\alpha = \operatorname{softplus}(\alpha') > 0` and
+:math:`\beta = -\alpha + \operatorname{softplus}(\beta') > -\alpha` (invertible). Then
+
+.. math::
+
+    \log|\det J| = (D-1)\log(1 + \beta h) + \log(1 + \beta h - \beta h^2 r)
+                 = (D-1)\log\frac{s + r}{\alpha + r}
+                   + \log\frac{\alpha s + 2\alpha r + r^2}{(\alpha + r)^2},
+
+with :math:`s = \alpha + \beta = \operatorname{softplus}(\beta') > 0`; the second form
+has only positive terms, so it stays finite as :math:`\beta \to -\alpha`.
+
+**Inverse** (closed form). :math:`\gamma = \|y - x_0\| = r(s + r)/(\alpha + r)`, so
+:math:`r` is the positive root of :math:`r^2 + (s - \gamma) r - \alpha\gamma = 0`, taken
+in the cancellation-free form, and :math:`x = x_0 + (y - x_0)(\alpha + r)/(s + r)`.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.torch_transform import TransformModule
+from torch.distributions import constraints
+
+from ._base import (
+    LadjCacheMixin,
+    check_context,
+    check_event,
+    check_input_dim,
+    nn_context_dim,
+)
+
+__all__ = [
+    "ConditionedRadial",
+    "Radial",
+    "ConditionalRadial",
+    "ConditionedStackedRadial",
+    "StackedRadial",
+    "ConditionalStackedRadial",
+]
+
+Params = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _log_pos(x: torch.Tensor) -> torch.Tensor:
+    return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
+
+
+def radial_ab(alpha_prime: torch.Tensor, beta_prime: torch.Tensor):
+    """Return ``(alpha, beta, s)`` with ``alpha > 0`` and ``s = alpha + beta > 0``."""
+    alpha = F.softplus(alpha_prime)
+    s = F.softplus(beta_prime)
+    return alpha, s - alpha, s
+
+
+def radial_log_det(r, alpha, s, input_dim: int) -> torch.Tensor:
+    """Log-det of the radial map at distance ``r`` from the centre (shape ``(..., 1)``)."""
+    log_ar = _log_pos(alpha + r)
+    ld = _log_pos(alpha * s + r * (2 * alpha + r)) - 2 * log_ar
+    if input_dim > 1:
+        ld = ld + (input_dim - 1) * (_log_pos(s + r) - log_ar)
+    return ld
+
+
+def radial_inverse_radius(gamma, alpha, s) -> torch.Tensor:
+    """Positive root of ``r² + (s - γ) r - αγ = 0`` without cancellation."""
+    b = s - gamma
+    disc = torch.sqrt(b * b + 4 * alpha * gamma)
+    pos = b >= 0
+    # Each branch only sees safe denominators, so neither produces inf/NaN gradients.
+    denom = torch.where(pos, b + disc, torch.ones_like(disc))
+    r_pos = 2 * alpha * gamma / denom
+    r_neg = 0.5 * (disc - b)
+    return torch.where(pos, r_pos, r_neg)
+
+
+def _unpack_radial(params) -> Params:
+    x0, alpha_prime, beta_prime = params() if callable(params) else params
+    if alpha_prime.shape[-1:] != (1,) or beta_prime.shape[-1:] != (1,):
+        raise ValueError(
+            "radial params must be (x0 (..., D), alpha_prime (..., 1), beta_prime (..., 1)); "
+            f"got shapes {tuple(x0.shape)}, {tuple(alpha_prime.shape)}, {tuple(beta_prime.shape)}"
+        )
+    return x0, alpha_prime, beta_prime
+
+
+class ConditionedRadial(LadjCacheMixin):
+    r"""A radial transform with given parameters ``(x0, alpha_prime, beta_prime)`` (or
+    a callable returning them), with a closed-form inverse of any point.
+
+    See :class:`Radial` for the math. Parameters may carry batch dimensions; they
+    broadcast against the batch shape of the input.
+
+    :param params: a tuple ``(x0, alpha_prime, beta_prime)`` of shapes
+        ``(..., D), (..., 1), (..., 1)`` or a callable returning one.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, params: Union[Params, Callable[[], Params]], cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self._params = params
+
+    def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y, log|det dy/dx|)`` in one pass."""
+        x0, alpha_prime, beta_prime = _unpack_radial(self._params)
+        check_event(x, x0.shape[-1])
+        alpha, beta, s = radial_ab(alpha_prime, beta_prime)
+        diff = x - x0
+        r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+        y = x + (beta / (alpha + r)) * diff
+        return y, radial_log_det(r, alpha, s, x0.shape[-1]).squeeze(-1)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        x0, alpha_prime, beta_prime = _unpack_radial(self._params)
+        check_event(y, x0.shape[-1], "y")
+        alpha, _, s = radial_ab(alpha_prime, beta_prime)
+        diff = y - x0
+        gamma = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+        r = radial_inverse_radius(gamma, alpha, s)
+        return x0 + diff * ((alpha + r) / (s + r))
+
+
+class Radial(ConditionedRadial, TransformModule):
+    r"""A learnable radial flow layer (Rezende & Mohamed 2015),
+
+    .. math::
+
+        y = x + \frac{\beta}{\alpha + \|x - x_0\|}(x - x_0),
+
+    with :math:`\alpha > 0`, :math:`\beta > -\alpha` (invertible). The inverse of any
+    point is computed in closed form (Pyro's built-in only inverts cached samples), so
+    ``TransformedDistribution(base, [Radial(D)]).log_prob(data)`` works on any data.
+
+    Example:
+
+    >>> import torch, pyro.distributions as dist
+    >>> from pyro_nfvi.transforms import Radial
+    >>> flow = Radial(2)
+    >>> q = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow])
+    >>> x = torch.tensor([[0.5, -1.0]])
+    >>> torch.allclose(flow.inv(flow(x)), x, atol=1e-5)
+    True
+
+    :param input_dim: dimension ``D`` of the input and output.
+
+    Reference: D. J. Rezende, S. Mohamed. Variational Inference with Normalizing Flows.
+    ICML 2015, arXiv:1505.05770.
+    """
+
+    def __init__(self, input_dim: int):
+        input_dim = check_input_dim(input_dim)
+        super().__init__(self._params_tuple)
+        self.input_dim = input_dim
+        self.x0 = nn.Parameter(torch.empty(input_dim))
+        self.alpha_prime = nn.Parameter(torch.empty(1))
+        self.beta_prime = nn.Parameter(torch.empty(1))
+        self.reset_parameters()
+
+    def _params_tuple(self) -> Params:
+        return self.x0, self.alpha_prime, self.beta_prime
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.input_dim)
+        with torch.no_grad():
+            self.x0.uniform_(-bound, bound)
+            self.alpha_prime.uniform_(-bound, bound)
+            self.beta_prime.uniform_(-bound, bound)
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}"
+
+
+class ConditionalRadial(ConditionalTransformModule):
+    r"""A radial flow whose parameters ``(x0, alpha_prime, beta_prime)`` come from a
+    hypernetwork: ``ConditionalRadial(nn).condition(context)`` is a
+    :class:`ConditionedRadial`. Context batch rows map to input batch rows.
+
+    Example:
+
+    >>> import torch, pyro.distributions as dist
+    >>> from pyro.nn import DenseNN
+    >>> from pyro_nfvi.transforms import ConditionalRadial
+    >>> flow = ConditionalRadial(DenseNN(3, [20, 20], param_dims=[2, 1, 1]))
+    >>> base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    >>> q = dist.ConditionalTransformedDistribution(base, [flow])
+    >>> q.condition(torch.randn(5, 3)).sample().shape
+    torch.Size([5, 2])
+
+    :param nn: a module mapping a context ``(..., M)`` to a tuple of tensors of shapes
+        ``(..., D), (..., 1), (..., 1)`` (e.g. ``DenseNN(M, hidden, param_dims=[D, 1, 1])``).
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, nn: torch.nn.Module):
+        super().__init__()
+        self.nn = nn
+        self.context_dim = nn_context_dim(nn)
+
+    def condition(self, context: torch.Tensor) -> ConditionedRadial:
+        check_context(context, self.context_dim)
+        return ConditionedRadial(partial(self.nn, context))
+
+
+def _unpack_stacked_radial(params) -> Params:
+    x0, alpha_prime, beta_prime = params() if callable(params) else params
+    K = x0.shape[-2] if x0.dim() >= 2 else -1
+    if K < 0 or alpha_prime.shape[-2:] != (K, 1) or beta_prime.shape[-2:] != (K, 1):
+        raise ValueError(
+            "stacked radial params must be (x0 (..., K, D), alpha_prime (..., K, 1), "
+            f"beta_prime (..., K, 1)); got shapes {tuple(x0.shape)}, "
+            f"{tuple(alpha_prime.shape)}, {tuple(beta_prime.shape)}"
+        )
+    return x0, alpha_prime, beta_prime
+
+
+def stacked_radial_forward(x, x0, alpha, beta, s):
+    """K radial layers in one pass (layer ``k`` is ``[..., k, :]``); the log-dets of all
+    layers are computed at the end in one vectorised op from the stored radii."""
+    rs = []
+    for k in range(x0.shape[-2]):
+        diff = x - x0[..., k, :]
+        r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+        x = x + (beta[..., k, :] / (alpha[..., k, :] + r)) * diff
+        rs.append(r)
+    r = torch.cat(rs, dim=-1)
+    D = x0.shape[-1]
+    return x, radial_log_det(r, alpha.squeeze(-1), s.squeeze(-1), D).sum(-1)
+
+
+class ConditionedStackedRadial(LadjCacheMixin):
+    r"""``K`` radial layers applied in order, with parameters stacked along a layer
+    dimension: ``(x0 (..., K, D), alpha_prime (..., K, 1), beta_prime (..., K, 1))`` or a
+    callable returning them. Same map as composing ``K`` :class:`ConditionedRadial`.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, params: Union[Params, Callable[[], Params]], cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self._params = params
+
+    def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y, log|det dy/dx|)`` in one pass."""
+        x0, alpha_prime, beta_prime = _unpack_stacked_radial(self._params)
+        check_event(x, x0.shape[-1])
+        alpha, beta, s = radial_ab(alpha_prime, beta_prime)
+        return stacked_radial_forward(x, x0, alpha, beta, s)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        x0, alpha_prime, beta_prime = _unpack_stacked_radial(self._params)
+        check_event(y, x0.shape[-1], "y")
+        alpha, _, s = radial_ab(alpha_prime, beta_prime)
+        for k in reversed(range(x0.shape[-2])):
+            diff = y - x0[..., k, :]
+            gamma = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+            r = radial_inverse_radius(gamma, alpha[..., k, :], s[..., k, :])
+            y = x0[..., k, :] + diff * ((alpha[..., k, :] + r) / (s[..., k, :] + r))
+        return y
+
+
+class StackedRadial(ConditionedStackedRadial, TransformModule):
+    r"""``num_flows`` learnable radial layers in one module (parameters stacked). Equals
+    ``ComposeTransformModule([Radial(D) for _ in range(K)])`` with the same parameters.
+
+    Example:
+
+    >>> import torch
+    >>> from pyro_nfvi.transforms import StackedRadial
+    >>> flow = StackedRadial(2, num_flows=8)
+    >>> x = torch.randn(4, 2)
+    >>> torch.allclose(flow.inv(flow(x)), x, atol=1e-5)
+    True
+
+    :param input_dim: dimension ``D``.
+    :param num_flows: number of layers ``K``.
+    """
+
+    def __init__(self, input_dim: int, num_flows: int):
+        input_dim = check_input_dim(input_dim)
+        num_flows = check_input_dim(num_flows, "num_flows")
+        super().__init__(self._params_tuple)
+        self.input_dim, self.num_flows = input_dim, num_flows
+        self.x0 = nn.Parameter(torch.empty(num_flows, input_dim))
+        self.alpha_prime = nn.Parameter(torch.empty(num_flows, 1))
+        self.beta_prime = nn.Parameter(torch.empty(num_flows, 1))
+        self.reset_parameters()
+
+    def _params_tuple(self) -> Params:
+        return self.x0, self.alpha_prime, self.beta_prime
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.input_dim)
+        with torch.no_grad():
+            self.x0.uniform_(-bound, bound)
+            self.alpha_prime.uniform_(-bound, bound)
+            self.beta_prime.uniform_(-bound, bound)
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, num_flows={self.num_flows}"
+
+
+class ConditionalStackedRadial(ConditionalTransformModule):
+    r"""``K`` conditional radial layers whose parameters come from ONE hypernetwork call.
+    ``nn`` maps a context ``(..., M)`` to a tuple of shapes ``(..., K*D), (..., K),
+    (..., K)`` (e.g. ``DenseNN(M, hidden, param_dims=[K*D, K, K])``).
+
+    Example:
+
+    >>> import torch
+    >>> from pyro.nn import DenseNN
+    >>> from pyro_nfvi.transforms import ConditionalStackedRadial
+    >>> flow = ConditionalStackedRadial(DenseNN(3, [16], param_dims=[8, 4, 4]), input_dim=2)
+    >>> flow.condition(torch.randn(5, 3))(torch.randn(5, 2)).shape
+    torch.Size([5, 2])
+
+    :param nn: the hypernetwork.
+    :param input_dim: dimension ``D`` of the flow.
+    """
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, nn: torch.nn.Module, input_dim: int):
+        super().__init__()
+        self.nn = nn
+        self.input_dim = check_input_dim(input_dim)
+        self.context_dim = nn_context_dim(nn)
+
+    def _params(self, context: torch.Tensor) -> Params:
+        x0, alpha_prime, beta_prime = self.nn(context)
+        D = self.input_dim
+        K = alpha_prime.shape[-1]
+        if x0.shape[-1] != K * D or beta_prime.shape[-1] != K:
+            raise ValueError(
+                f"hypernetwork outputs must have last dims (K*{D}, K, K); got "
+                f"{tuple(x0.shape)}, {tuple(alpha_prime.shape)}, {tuple(beta_prime.shape)}"
+            )
+        return x0.unflatten(-1, (K, D)), alpha_prime.unsqueeze(-1), beta_prime.unsqueeze(-1)
+
+    def condition(self, context: torch.Tensor) -> ConditionedStackedRadial:
+        check_context(context, self.context_dim)
+        return ConditionedStackedRadial(partial(self._params, context))

@@ -1,0 +1,397 @@
+import doctest
+from functools import partial
+
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as pyro_T
+import pytest
+import torch
+from pyro.distributions.torch_transform import ComposeTransformModule
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormalizingFlow as PyroAutoNormalizingFlow
+
+import pyro_nfvi
+from pyro_nfvi import helpers
+from pyro_nfvi.testing import check_transform
+from pyro_nfvi.transforms.planar import planar_log_det, planar_u_hat
+from pyro_nfvi.transforms import (
+    ConditionedPlanar,
+    ConditionedRadial,
+    ConditionedStackedPlanar,
+    ConditionedStackedRadial,
+    Planar,
+    Radial,
+    StackedPlanar,
+    StackedRadial,
+)
+
+DIMS = [1, 2, 5, 10]
+
+UNCONDITIONAL = {
+    "planar": helpers.planar,
+    "radial": helpers.radial,
+    "planar_flow": partial(helpers.planar_flow, num_flows=4),
+    "radial_flow": partial(helpers.radial_flow, num_flows=4),
+}
+CONDITIONAL = {
+    "conditional_planar": helpers.conditional_planar,
+    "conditional_radial": helpers.conditional_radial,
+    "conditional_planar_flow": partial(helpers.conditional_planar_flow, num_flows=3),
+    "conditional_radial_flow": partial(helpers.conditional_radial_flow, num_flows=3),
+}
+
+
+def randomize_(module, scale, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return module
+
+
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("name", list(UNCONDITIONAL))
+@pytest.mark.parametrize("scale", [None, 1.0, 3.0])
+def test_check_transform_unconditional(name, D, scale):
+    t = UNCONDITIONAL[name](D)
+    if scale is not None:
+        randomize_(t, scale, seed=D)
+    errs = check_transform(t, D)
+    assert errs["logdet_err"] < 1e-10 and errs["inverse_err"] < 1e-10
+
+
+@pytest.mark.parametrize("D", DIMS)
+@pytest.mark.parametrize("name", list(CONDITIONAL))
+def test_check_transform_conditional(name, D):
+    torch.manual_seed(D)
+    t = CONDITIONAL[name](D, 3, hidden_dims=[8])
+    # non-tiny hypernetwork outputs that differ per context row
+    randomize_(t, 1.0, seed=D)
+    context = torch.randn(4, 3)
+    errs = check_transform(t, D, context=context)
+    assert errs["logdet_err"] < 1e-10 and errs["inverse_err"] < 1e-10
+    # a single (unbatched) context broadcasts over every input batch shape
+    check_transform(t, D, context=torch.randn(3), batch_shapes=[(), (5,)])
+
+
+@pytest.mark.parametrize("name", list(UNCONDITIONAL))
+def test_check_transform_float32(name):
+    t = randomize_(UNCONDITIONAL[name](3), 1.0)
+    errs = check_transform(t, 3, dtype=torch.float32)
+    assert errs["inverse_err"] < 1e-4
+
+
+def test_check_transform_catches_a_wrong_log_det():
+    class Broken(ConditionedPlanar):
+        def call_and_ladj(self, x):
+            y, ladj = super().call_and_ladj(x)
+            return y, ladj * 1.001
+
+    t = Broken((torch.tensor([0.3]), torch.tensor([0.5, -1.0]), torch.tensor([1.0, 2.0])))
+    with pytest.raises(AssertionError, match="slogdet"):
+        check_transform(t, 2)
+
+
+def _planar_with(wu, D=3, dtype=torch.float64, seed=0):
+    """A planar layer with w.u = wu exactly and ||w|| ~ 1.5."""
+    gen = torch.Generator().manual_seed(seed)
+    t = Planar(D).to(dtype)
+    w = torch.randn(D, generator=gen, dtype=dtype)
+    w = 1.5 * w / w.norm()
+    v = torch.randn(D, generator=gen, dtype=dtype)
+    v = v - (v @ w) / (w @ w) * w  # orthogonal part, random size
+    with torch.no_grad():
+        t.w.copy_(w)
+        t.u.copy_(v + wu / (w @ w) * w)
+        t.bias.fill_(0.7)
+    return t
+
+
+@pytest.mark.parametrize("wu", [-50.0, -5.0, -1.0, -0.2, 0.0, 2.0, 10.0, 10.99])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_planar_round_trip_large_inputs(wu, dtype, tol):
+    """_inverse(_call(x)) == x, cache bypassed, for |x| up to 100, w.u_hat in (-1, 10]."""
+    t = _planar_with(wu, dtype=dtype)
+    _, q = planar_u_hat(t.u.detach(), t.w.detach())  # q = 1 + w.u_hat, exact
+    assert 0 < float(q) <= 11
+    torch.manual_seed(1)
+    x = (torch.rand(2000, 3, dtype=torch.float64) * 2 - 1).to(dtype) * 100
+    with torch.no_grad():
+        x_back = t._inverse(t._call(x))
+    err = (x_back - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1)
+    # Conditioning: the layer contracts direction w by f'(a) = t^2 + q (1 - t^2), so a
+    # stored (rounded) y pins x down only to ~eps / f'(a). In float32 that bites where
+    # q << 1 and a ~ 0; there the bound scales with 1 / f'(a).
+    a = (x.double() @ t.w.detach().double() + float(t.bias)).unsqueeze(-1)
+    slope = planar_log_det(torch.tanh(a), q.double()).exp().squeeze(-1)
+    bound = torch.where(slope > 0.1, torch.full_like(slope, tol), tol * 0.1 / slope)
+    assert (err.double() <= bound).all(), float((err.double() / bound).max())
+    if dtype == torch.float64 or wu >= -1:
+        assert err.max() < tol
+
+
+def test_radial_round_trip_large_inputs():
+    for dtype, tol in [(torch.float64, 1e-10), (torch.float32, 1e-5)]:
+        t = randomize_(Radial(3), 3.0, seed=5).to(dtype)
+        x = (torch.rand(2000, 3, dtype=torch.float64) * 2 - 1).to(dtype) * 100
+        x_back = t._inverse(t._call(x))
+        assert ((x_back - x).norm(dim=-1) / x.norm(dim=-1).clamp_min(1)).max() < tol
+
+
+@pytest.mark.parametrize("cls", ["planar", "radial"])
+def test_same_map_as_pyro_builtin(cls):
+    """Independent reference: Pyro's own layer with the same parameters."""
+    D = 4
+    ours = randomize_(UNCONDITIONAL[cls](D), 1.5, seed=3).double()
+    theirs = (pyro_T.Planar(D) if cls == "planar" else pyro_T.Radial(D)).double()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(50, D, dtype=torch.float64) * 3
+    y_ours, y_theirs = ours(x), theirs(x)
+    assert torch.allclose(y_ours, y_theirs, atol=1e-12)
+    assert torch.allclose(
+        ours.log_abs_det_jacobian(x, y_ours), theirs.log_abs_det_jacobian(x, y_theirs), atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("kind", ["planar", "radial"])
+def test_log_prob_of_never_sampled_data(kind):
+    flow = UNCONDITIONAL[kind](2)
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow])
+    data = torch.tensor([[0.3, -2.0], [4.0, 1.0]])
+    lp = q.log_prob(data)
+    assert lp.shape == (2,) and torch.isfinite(lp).all()
+    # change of variables by hand: log N(f^-1(y)) - log|det J(f^-1(y))|
+    x = flow._inverse(data)
+    expected = dist.Normal(0.0, 1.0).log_prob(x).sum(-1) - flow.call_and_ladj(x)[1]
+    assert torch.allclose(lp, expected, atol=1e-6)
+    # Pyro's built-in cannot do this (pyro#2718)
+    builtin = dist.TransformedDistribution(
+        dist.Normal(torch.zeros(2), 1.0).to_event(1), [pyro_T.Planar(2)]
+    )
+    with pytest.raises(KeyError):
+        builtin.log_prob(data)
+
+
+@pytest.mark.parametrize(
+    "conditioned, names",
+    [
+        (ConditionedStackedPlanar, ["bias", "u", "w"]),
+        (ConditionedStackedRadial, ["x0", "alpha_prime", "beta_prime"]),
+    ],
+)
+def test_gradcheck_log_prob_through_inverse(conditioned, names):
+    """Maximum likelihood needs d log q(data) / d params through the inverse."""
+    gen = torch.Generator().manual_seed(2)
+    shapes = {"bias": (2, 1), "u": (2, 2), "w": (2, 2), "x0": (2, 2), "alpha_prime": (2, 1), "beta_prime": (2, 1)}
+    params = tuple(
+        torch.randn(shapes[n], generator=gen, dtype=torch.float64).requires_grad_() for n in names
+    )
+    data = torch.randn(6, 2, generator=gen, dtype=torch.float64) * 2
+
+    def nll(*ps):
+        t = conditioned(ps)
+        x = t._inverse(data)
+        return -(dist.Normal(0.0, 1.0).log_prob(x).sum(-1) - t.call_and_ladj(x)[1]).sum()
+
+    assert torch.autograd.gradcheck(nll, params)
+    y = data.clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda y: conditioned(params)._inverse(y), (y,))
+
+
+@pytest.mark.parametrize("kind", ["planar", "radial"])
+def test_maximum_likelihood_training(kind):
+    """Forward KL on data: a flow learns a skewed 2-D density, beating the base."""
+    torch.manual_seed(0)
+    n = 500
+    z1 = torch.randn(n)
+    data = torch.stack([z1, 0.5 * torch.randn(n) + 0.8 * z1**2 - 1], -1)
+    flow = UNCONDITIONAL[kind + "_flow"](2)
+    base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    q = dist.TransformedDistribution(base, [flow])
+    nll0 = -q.log_prob(data).mean().item()
+    opt = torch.optim.Adam(flow.parameters(), lr=0.03)
+    for _ in range(150):
+        opt.zero_grad()
+        loss = -q.log_prob(data).mean()  # same tensor every step: caches must notice
+        loss.backward()
+        opt.step()
+    nll = -q.log_prob(data).mean().item()
+    # the best Gaussian fit has NLL = 0.5 log det(2 pi e Sigma)
+    cov = torch.cov(data.T)
+    gauss_nll = 0.5 * torch.logdet(2 * torch.pi * torch.e * cov).item()
+    assert nll < nll0 - 0.3
+    assert nll < gauss_nll
+
+
+def test_stack_equals_composition_of_single_layers():
+    torch.manual_seed(0)
+    D, K = 3, 5
+    for stack, single, names in [
+        (StackedPlanar(D, K), Planar, ["bias", "u", "w"]),
+        (StackedRadial(D, K), Radial, ["x0", "alpha_prime", "beta_prime"]),
+    ]:
+        stack = randomize_(stack, 1.5).double()
+        layers = []
+        for k in range(K):
+            layer = single(D).double()
+            layer.load_state_dict({n: getattr(stack, n)[k] for n in names})
+            layers.append(layer)
+        composed = ComposeTransformModule(layers)
+        x = torch.randn(20, D, dtype=torch.float64) * 3
+        y_s, ladj_s = stack.call_and_ladj(x)
+        y_c = composed(x)
+        assert torch.allclose(y_s, y_c, atol=1e-12, rtol=0)
+        assert torch.allclose(ladj_s, composed.log_abs_det_jacobian(x, y_c), atol=1e-12, rtol=0)
+        y_new = torch.randn(20, D, dtype=torch.float64) * 3
+        assert torch.allclose(stack._inverse(y_new), composed.inv(y_new), atol=1e-12, rtol=0)
+
+
+def test_stack_state_dict_round_trip():
+    a, b = helpers.planar_flow(2, 8), helpers.planar_flow(2, 8)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(5, 2)
+    assert torch.equal(a(x), b(x))
+
+
+@pytest.mark.parametrize("name", list(CONDITIONAL))
+def test_conditional_rows_match_single_contexts(name):
+    torch.manual_seed(0)
+    D, M = 2, 3
+    t = randomize_(CONDITIONAL[name](D, M, hidden_dims=[8]), 1.0)
+    ctx = torch.randn(4, M)
+    x = torch.randn(4, D)
+    y = t.condition(ctx)(x)
+    for i in range(4):
+        assert torch.allclose(y[i], t.condition(ctx[i])(x[i]), atol=1e-6)
+    # contexts broadcast against sample shapes: (S, 4, D) inputs with a (4, M) context
+    xs = torch.randn(5, 4, D)
+    ys = t.condition(ctx)(xs)
+    assert ys.shape == (5, 4, D)
+    assert torch.allclose(ys[2, 1], t.condition(ctx[1])(xs[2, 1]), atol=1e-6)
+    # ConditionalTransformedDistribution: log_prob of arbitrary points, per-row context
+    base = dist.Normal(torch.zeros(D), 1.0).to_event(1)
+    cd = dist.ConditionalTransformedDistribution(base, [t])
+    lp = cd.condition(ctx).log_prob(xs)
+    assert lp.shape == (5, 4) and torch.isfinite(lp).all()
+    lp1 = cd.condition(ctx[3]).log_prob(xs[:, 3])
+    assert torch.allclose(lp[:, 3], lp1, atol=1e-5)
+    assert cd.condition(ctx).sample((7, 4)).shape == (7, 4, D)
+
+
+def test_conditional_training_step_after_condition():
+    """A conditioned transform reads the hypernetwork lazily: it stays valid across steps."""
+    t = helpers.conditional_planar(2, 3)
+    ctx, x = torch.randn(10, 3), torch.randn(10, 2)
+    cond = t.condition(ctx)
+    opt = torch.optim.SGD(t.parameters(), lr=0.1)
+    for _ in range(2):
+        opt.zero_grad()
+        cond.call_and_ladj(x)[1].sum().backward()
+        opt.step()
+
+
+EDGE_CASES = {
+    "planar w=0": lambda: ConditionedPlanar(
+        (torch.tensor([0.5]), torch.tensor([1.0, -2.0]), torch.zeros(2, requires_grad=True))
+    ),
+    "planar w.u=-50": lambda: _planar_with(-50.0, D=2, dtype=torch.float32),
+    "planar huge w": lambda: ConditionedPlanar(
+        (torch.tensor([0.0]), torch.tensor([1.0, 1.0]), torch.tensor([1e3, -1e3]))
+    ),
+    # float64: the inverse's true slope alpha/s ~ 1e22 overflows float32 intermediates
+    "radial beta->-alpha": lambda: ConditionedRadial(
+        (torch.zeros(2).double(), torch.tensor([2.0]).double(), torch.tensor([-50.0]).double().requires_grad_())
+    ),
+    "radial beta->-alpha f32": lambda: ConditionedRadial(
+        (torch.zeros(2), torch.tensor([2.0]), torch.tensor([-15.0], requires_grad=True))
+    ),
+    "radial alpha->0": lambda: ConditionedRadial(
+        (torch.zeros(2), torch.tensor([-30.0]), torch.tensor([3.0]))
+    ),
+    "radial default": lambda: Radial(2),
+}
+
+
+@pytest.mark.parametrize("case", list(EDGE_CASES))
+@pytest.mark.parametrize("where", ["origin", "x0", "far"])
+def test_no_nan_at_the_edges(case, where):
+    t = EDGE_CASES[case]()
+    params = t._params() if callable(t._params) else t._params
+    dtype = params[1].dtype
+    if where == "origin":
+        x = torch.zeros(3, 2, dtype=dtype)
+    elif where == "x0":
+        x = (params[0] if isinstance(t, ConditionedRadial) else torch.zeros(2)).detach().expand(3, 2).clone()
+    else:
+        x = torch.tensor([[1e4, -1e4], [1e4, 1e4], [-1e4, 0.0]], dtype=dtype)
+    x.requires_grad_()
+    y, ladj = t.call_and_ladj(x)
+    assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+    leaves = [x] + [p for p in (t.parameters() if isinstance(t, torch.nn.Module) else []) if p.requires_grad]
+    grads = torch.autograd.grad(y.sum() + ladj.sum(), leaves, allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads)
+    yi = y.detach().clone().requires_grad_()
+    xi = t._inverse(yi)
+    assert torch.isfinite(xi).all()
+    (g,) = torch.autograd.grad(xi.sum(), [yi])
+    assert torch.isfinite(g).all()
+
+
+def test_planar_w_zero_is_a_translation():
+    b, u = torch.tensor([0.5]), torch.tensor([1.0, -2.0])
+    t = ConditionedPlanar((b, u, torch.zeros(2)))
+    x = torch.randn(4, 2)
+    y, ladj = t.call_and_ladj(x)
+    assert torch.allclose(y, x + u * torch.tanh(b))
+    assert torch.allclose(ladj, torch.zeros(4))
+    assert torch.allclose(t._inverse(y), x, atol=1e-6)
+
+
+def test_inside_pyro_autonormalizingflow_and_iterated():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+
+    def model():
+        a = pyro.sample("a", dist.Normal(0.0, 1.0))
+        pyro.sample("b", dist.Normal(a, 0.5), obs=torch.tensor(0.3))
+        pyro.sample("c", dist.LogNormal(0.0, 1.0))
+
+    for make in (helpers.planar, helpers.radial):
+        pyro.clear_param_store()
+        guide = PyroAutoNormalizingFlow(model, partial(pyro_T.iterated, 3, make))
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+        losses = [svi.step() for _ in range(30)]
+        assert all(torch.isfinite(torch.tensor(losses)))
+        assert guide()["c"] > 0
+
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: helpers.planar(0), ValueError, "input_dim"),
+        (lambda: helpers.radial(-2), ValueError, "input_dim"),
+        (lambda: helpers.planar(2.0), TypeError, "input_dim"),
+        (lambda: helpers.planar_flow(2, 0), ValueError, "num_flows"),
+        (lambda: helpers.conditional_planar(2, 0), ValueError, "context_dim"),
+        (lambda: helpers.conditional_radial(2, 3, hidden_dims=[10, 0]), ValueError, "hidden_dims"),
+        (lambda: helpers.conditional_planar(2, 3, hidden_dims=[10, 2.5]), ValueError, "hidden_dims"),
+        (lambda: helpers.conditional_planar(2, 3, hidden_dims=10), ValueError, "hidden_dims"),
+        (lambda: helpers.planar(3)(torch.zeros(4, 2)), ValueError, r"x must have shape \(\.\.\., 3\)"),
+        (lambda: helpers.radial(3).inv(torch.zeros(2)), ValueError, r"y must have shape \(\.\.\., 3\)"),
+        (lambda: helpers.planar_flow(2, 3)(torch.zeros(5)), ValueError, "x must have shape"),
+        (lambda: helpers.conditional_radial(2, 3).condition(torch.zeros(4, 2)), ValueError, "context"),
+        (lambda: helpers.conditional_planar_flow(2, 3, 4).condition(torch.zeros(5)), ValueError, r"\(\.\.\., 3\)"),
+        (lambda: helpers.planar(2)([1.0, 2.0]), TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_input_fails_fast(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+@pytest.mark.parametrize(
+    "module", [pyro_nfvi.helpers, pyro_nfvi.testing, pyro_nfvi.transforms.planar, pyro_nfvi.transforms.radial]
+)
+def test_docstring_examples(module):
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
