@@ -88,12 +88,13 @@ def psis_khat(log_w: torch.Tensor) -> float:
 
     k̂ < 0.5: good; 0.5–0.7: usable; > 0.7: poor (unreliable importance sampling).
     Returns ``inf`` (with a warning) when there are too few tail samples, and ``-inf``
-    when all weights are equal (q = p up to a constant).
+    when all weights are equal (spread of ``log_w`` below 1e-5: q = p up to a constant).
     """
     log_w = log_w.detach().double().reshape(-1)
     n = log_w.numel()
     log_w = torch.sort(log_w - log_w.max())[0]
-    if float(log_w[-1] - log_w[0]) < 1e-10:  # constant weights: q = p exactly
+    # constant weights up to float round-off (q = p): bounded weights, k = -inf
+    if float(log_w[-1] - log_w[0]) < 1e-5:
         return -float("inf")
     cutoff_index = -int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n)))) - 1
     if -cutoff_index > n:
