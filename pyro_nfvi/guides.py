@@ -200,10 +200,11 @@ class AutoNormalizingFlow(AutoContinuous):
         full_rank: bool = False,
         create_plates: Optional[Callable] = None,
     ) -> None:
-        if not callable(init_transform_fn):
+        if isinstance(init_transform_fn, Transform) or not callable(init_transform_fn):
             raise TypeError(
-                "init_transform_fn must be callable (latent_dim -> Transform), "
-                f"but got {type(init_transform_fn).__name__}"
+                "init_transform_fn must be a function latent_dim -> Transform "
+                "(e.g. `lambda dim: planar_flow(dim, 8)`), but got "
+                f"{type(init_transform_fn).__name__}"
             )
         if (
             isinstance(init_scale, bool)
@@ -212,10 +213,10 @@ class AutoNormalizingFlow(AutoContinuous):
             or init_scale == float("inf")
         ):
             raise ValueError(f"Expected init_scale > 0 (finite), but got {init_scale!r}")
+        super().__init__(model, init_loc_fn=init_loc_fn)
         self._init_transform_fn = init_transform_fn
         self._init_scale = float(init_scale)
         self.full_rank = bool(full_rank)
-        super().__init__(model, init_loc_fn=init_loc_fn)
         self.create_plates = create_plates
         self.transform = None
 
@@ -312,10 +313,17 @@ class AutoNormalizingFlow(AutoContinuous):
             raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
         self._check_setup(*args, **kwargs)
         latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
-        return {
-            site["name"]: biject_to(site["fn"].support)(value)
-            for site, value in self._unpack_latent(latent)
-        }
+        # Unpack with the sample dim leftmost of each site's own shape (the
+        # generic _unpack_latent would broadcast it against the plate dims).
+        result = {}
+        pos = 0
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            shape = self._unconstrained_shapes[name]
+            size = _product(shape)
+            value = latent[:, pos : pos + size].reshape((num_samples,) + tuple(shape))
+            result[name] = biject_to(site["fn"].support)(value)
+            pos += size
+        return result
 
     @torch.no_grad()
     def quantiles(

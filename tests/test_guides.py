@@ -1,0 +1,357 @@
+"""Tests of the flow autoguides in :mod:`pyro_nfvi.guides`."""
+
+import math
+
+import pytest
+import torch
+
+import pyro
+import pyro.distributions as dist
+from pyro import poutine
+from pyro.infer import (
+    MCMC,
+    NUTS,
+    SVI,
+    JitTrace_ELBO,
+    Predictive,
+    Trace_ELBO,
+    TraceEnum_ELBO,
+    TraceMeanField_ELBO,
+)
+from pyro.infer.autoguide import AutoMultivariateNormal
+from pyro.infer.reparam import NeuTraReparam
+
+from pyro_nfvi.guides import AutoNormalizingFlow, AutoPlanarFlow, AutoRadialFlow
+from pyro_nfvi.helpers import planar_flow, radial_flow
+
+
+@pytest.fixture(autouse=True)
+def _fresh():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()
+
+
+# ----------------------------------------------------------------- models
+PRIOR_LOC, PRIOR_SCALE, OBS_SCALE = 0.0, 2.0, 1.0
+
+
+def _normal_data(n=20):
+    g = torch.Generator().manual_seed(123)
+    return 1.5 + OBS_SCALE * torch.randn(n, generator=g)
+
+
+def normal_normal(data):
+    mu = pyro.sample("mu", dist.Normal(PRIOR_LOC, PRIOR_SCALE))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("obs", dist.Normal(mu, OBS_SCALE), obs=data)
+
+
+def normal_normal_posterior(data):
+    prec = 1 / PRIOR_SCALE**2 + data.shape[0] / OBS_SCALE**2
+    mean = (PRIOR_LOC / PRIOR_SCALE**2 + data.sum() / OBS_SCALE**2) / prec
+    return float(mean), float(prec**-0.5)
+
+
+def constrained_model(data):
+    s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+    tau = pyro.sample("tau", dist.HalfCauchy(1.0))
+    p = pyro.sample("p", dist.Beta(2.0, 2.0))
+    w = pyro.sample("w", dist.Dirichlet(torch.ones(4)))
+    with pyro.plate("groups", 3):
+        b = pyro.sample("b", dist.Normal(0.0, tau))
+    pyro.sample("m", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+    with pyro.plate("data", data.shape[0]):
+        pyro.sample("obs", dist.Normal(p, s), obs=data)
+
+
+SITE_SHAPES = {"s": (), "tau": (), "p": (), "w": (4,), "b": (3,), "m": (2,)}
+
+
+def _train(model, guide, steps, lr=0.02, elbo=None, args=(), particles=1, decay=0.1):
+    """SVI with Adam, learning rate decaying geometrically from lr to decay * lr."""
+    elbo = elbo or Trace_ELBO(
+        num_particles=particles, vectorize_particles=particles > 1
+    )
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": decay ** (1.0 / steps)})
+    svi = SVI(model, guide, optim, elbo)
+    losses = [svi.step(*args) for _ in range(steps)]
+    return losses
+
+
+def _elbo(model, guide, args=(), n=2000):
+    with torch.no_grad():
+        loss = Trace_ELBO(
+            num_particles=n, vectorize_particles=True, max_plate_nesting=1
+        ).loss(model, guide, *args)
+    return -loss
+
+
+# --------------------------------------------------- analytic references
+def test_conjugate_normal_normal_moments():
+    data = _normal_data()
+    mean, sd = normal_normal_posterior(data)
+    guide = AutoPlanarFlow(normal_normal, num_flows=2)
+    _train(normal_normal, guide, 300, lr=0.05, args=(data,), particles=16)
+    with torch.no_grad():
+        z = guide.get_posterior(data).sample((20000,))[:, 0]
+    assert abs(float(z.mean()) - mean) < 0.05 * abs(mean)
+    assert abs(float(z.std()) - sd) < 0.05 * sd
+    med = guide.median(data, num_samples=4000)["mu"]
+    assert abs(float(med) - mean) < 0.05 * abs(mean)
+
+
+def test_correlated_gaussian_full_rank_recovers_covariance():
+    cov = torch.tensor([[1.0, 0.8 * 0.5], [0.8 * 0.5, 0.25]])
+    loc = torch.tensor([1.0, -2.0])
+
+    def model():
+        pyro.sample("x", dist.MultivariateNormal(loc, cov))
+
+    guide = AutoPlanarFlow(model, num_flows=2, full_rank=True)
+    _train(model, guide, 600, lr=0.1, particles=8, decay=0.01)
+    with torch.no_grad():
+        z = guide.get_posterior().sample((20000,))
+    emp_cov = torch.cov(z.T)
+    assert torch.allclose(z.mean(0), loc, atol=0.05)
+    assert torch.allclose(emp_cov.diagonal(), cov.diagonal(), rtol=0.1)  # sd within 5%
+    corr = emp_cov[0, 1] / emp_cov.diagonal().prod().sqrt()
+    assert abs(float(corr) - 0.8) < 0.05
+
+
+# ---------------------------------------------------- constrained sites
+@pytest.mark.parametrize("cls", [AutoPlanarFlow, AutoRadialFlow])
+def test_constrained_sites_support_median_quantiles(cls):
+    data = torch.randn(10)
+    guide = cls(constrained_model, num_flows=3)
+    _train(constrained_model, guide, 100, args=(data,))
+    with torch.no_grad():
+        samples = Predictive(constrained_model, guide=guide, num_samples=200)(data)
+    assert (samples["s"] > 0).all() and (samples["tau"] > 0).all()
+    assert ((samples["p"] > 0) & (samples["p"] < 1)).all()
+    assert torch.allclose(samples["w"].sum(-1), torch.ones(()), atol=1e-5)
+    assert (samples["w"] >= 0).all()
+
+    med = guide.median(data)
+    qs = guide.quantiles([0.05, 0.5, 0.95], data)
+    assert set(med) == set(qs) == set(SITE_SHAPES)
+    for name, shape in SITE_SHAPES.items():
+        assert med[name].shape == shape, name
+        assert qs[name].shape == (3,) + shape, name
+        assert (qs[name][0] <= qs[name][1]).all() and (qs[name][1] <= qs[name][2]).all()
+        assert (qs[name][0] < qs[name][2]).all(), name
+    assert (qs["s"] > 0).all() and ((qs["p"] > 0) & (qs["p"] < 1)).all()
+
+
+# ------------------------------------------------ inference back-ends
+@pytest.mark.parametrize(
+    "elbo",
+    [
+        Trace_ELBO,
+        TraceMeanField_ELBO,
+        JitTrace_ELBO,
+        lambda: Trace_ELBO(num_particles=8, vectorize_particles=True),
+        lambda: JitTrace_ELBO(num_particles=8, vectorize_particles=True),
+    ],
+    ids=["trace", "meanfield", "jit", "vectorized", "jit-vectorized"],
+)
+@pytest.mark.parametrize("full_rank", [False, True], ids=["diag", "full"])
+def test_elbo_backends(elbo, full_rank):
+    data = _normal_data()
+    mean, sd = normal_normal_posterior(data)
+    guide = AutoPlanarFlow(normal_normal, num_flows=2, full_rank=full_rank)
+    # (a JitTrace_ELBO instance caches its compiled loss: one instance per guide)
+    losses = _train(normal_normal, guide, 300, lr=0.05, elbo=elbo(), args=(data,))
+    assert all(math.isfinite(x) for x in losses)
+    names = set(pyro.get_param_store().keys())
+    assert "AutoPlanarFlow.loc" in names and "AutoPlanarFlow.scale" in names
+    assert ("AutoPlanarFlow.scale_tril" in names) == full_rank
+    assert any(n.startswith("AutoPlanarFlow.transform") for n in names)
+    with torch.no_grad():
+        z = guide.get_posterior(data).sample((4000,))
+    assert abs(float(z.mean()) - mean) < 0.5 * sd
+    assert 0.5 * sd < float(z.std()) < 1.5 * sd
+
+
+def test_enumerated_discrete_site_is_hidden():
+    data = torch.tensor([-2.0, -2.1, 1.9, 2.2])
+
+    @pyro.infer.config_enumerate
+    def mixture(data):
+        locs = pyro.sample("locs", dist.Normal(0.0, 3.0).expand([2]).to_event(1))
+        with pyro.plate("data", len(data)):
+            k = pyro.sample("k", dist.Categorical(torch.ones(2) / 2))
+            pyro.sample("obs", dist.Normal(locs[k], 0.5), obs=data)
+
+    guide = AutoPlanarFlow(mixture, num_flows=2)
+    elbo = TraceEnum_ELBO(max_plate_nesting=1)
+    losses = _train(mixture, guide, 20, elbo=elbo, args=(data,))
+    assert all(math.isfinite(x) for x in losses)
+    assert set(guide.median(data)) == {"locs"}
+
+
+def test_predictive():
+    data = _normal_data()
+    guide = AutoRadialFlow(normal_normal, num_flows=2)
+    _train(normal_normal, guide, 20, args=(data,))
+    out = Predictive(normal_normal, guide=guide, num_samples=7)(data)
+    # same shapes as with Pyro's own AutoContinuous guides
+    ref = Predictive(normal_normal, guide=AutoMultivariateNormal(normal_normal), num_samples=7)(data)
+    assert set(out) == set(ref) == {"mu", "obs"}
+    for name in ref:
+        assert out[name].shape == ref[name].shape, name
+    assert out["obs"].shape[0] == 7 and out["obs"].shape[-1] == len(data)
+    latent = guide.sample_latent(data)
+    assert latent.shape == (1,)
+
+
+def test_neutra_reparam():
+    data = _normal_data()
+    guide = AutoPlanarFlow(constrained_model, num_flows=3, full_rank=True)
+    _train(constrained_model, guide, 50, args=(data,))
+
+    # the transform maps base noise -> unconstrained latent and is invertible
+    transform = guide.get_transform()
+    eps = guide.get_base_dist().sample((5,))
+    with torch.no_grad():
+        z = transform(eps)
+        assert torch.allclose(transform.inv(z), eps, atol=1e-4)
+        lp = guide.get_base_dist().log_prob(eps) - transform.log_abs_det_jacobian(eps, z)
+        assert torch.allclose(guide.get_posterior().log_prob(z.clone()), lp, atol=1e-3)
+
+    neutra = NeuTraReparam(guide)
+    model = poutine.reparam(constrained_model, config=lambda _: neutra)
+    tr = poutine.trace(model).get_trace(data)
+    shared = [n for n in tr.nodes if n.endswith("_shared_latent")]
+    assert len(shared) == 1
+    assert math.isfinite(float(tr.log_prob_sum()))
+
+    mcmc = MCMC(
+        NUTS(model, max_tree_depth=3), num_samples=5, warmup_steps=5,
+        disable_progbar=True,
+    )
+    mcmc.run(data)
+    latent = mcmc.get_samples()[shared[0]]
+    assert latent.shape == (5, guide.latent_dim)
+    # batch dims must sit left of the model's plates (see NeuTraReparam docs)
+    values = neutra.transform_sample(latent[:, None, :])
+    assert values["w"].shape == (5, 1, 4)
+    assert values["b"].shape == (5, 3)
+    assert (values["s"] > 0).all()
+
+
+# ---------------------------------------------------- posterior density
+def test_get_posterior_log_prob_any_value():
+    def model():
+        pyro.sample("x", dist.Normal(torch.tensor([0.5, -1.0]), 1.0).to_event(1))
+
+    guide = AutoPlanarFlow(model, num_flows=4, full_rank=True, init_scale=0.5)
+    _train(model, guide, 50, lr=0.05)
+    post = guide.get_posterior()
+    # a value that was never sampled: density integrates to one on a grid
+    h = 0.05
+    g = torch.arange(-6.0, 6.0, h)
+    grid = torch.stack(torch.meshgrid(g + 0.5, g - 1.0, indexing="ij"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        lp = post.log_prob(grid)
+    assert lp.shape == (grid.shape[0],)
+    assert torch.isfinite(lp).all()
+    assert abs(float(lp.exp().sum() * h * h) - 1.0) < 0.01
+    # sampled value: cached log-density == density through the inverse
+    z = post.rsample((100,))
+    assert torch.allclose(post.log_prob(z), post.log_prob(z.detach().clone()), atol=1e-4)
+
+
+# ------------------------------------------------------- save and load
+def test_state_dict_round_trip():
+    data = _normal_data()
+    guide = AutoPlanarFlow(constrained_model, num_flows=3, full_rank=True)
+    _train(constrained_model, guide, 30, args=(data,))
+    state = guide.state_dict()
+    pyro.set_rng_seed(7)
+    expected = guide(data)
+
+    pyro.clear_param_store()
+    fresh = AutoPlanarFlow(constrained_model, num_flows=3, full_rank=True)
+    fresh(data)  # parameters are created lazily
+    fresh.load_state_dict(state)
+    pyro.set_rng_seed(7)
+    actual = fresh(data)
+    assert set(actual) == set(expected)
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+def test_state_dict_round_trip_no_args_model():
+    def model():
+        pyro.sample("x", dist.Gamma(2.0, 1.0).expand([3]).to_event(1))
+
+    guide = AutoRadialFlow(model, num_flows=2)
+    _train(model, guide, 20)
+    state = guide.state_dict()
+    pyro.set_rng_seed(3)
+    expected = guide()["x"]
+    pyro.clear_param_store()
+    fresh = AutoRadialFlow(model, num_flows=2)
+    fresh.load_state_dict(state)  # sets itself up: the model takes no arguments
+    pyro.set_rng_seed(3)
+    assert torch.equal(fresh()["x"], expected)
+
+
+def test_load_state_dict_before_setup_needs_args():
+    data = _normal_data()
+    guide = AutoPlanarFlow(normal_normal, num_flows=2)
+    guide(data)
+    fresh = AutoPlanarFlow(normal_normal, num_flows=2)
+    with pytest.raises(RuntimeError, match="guide"):
+        fresh.load_state_dict(guide.state_dict())
+
+
+# --------------------------------------------------------------- errors
+def test_error_discrete_site():
+    def model():
+        pyro.sample("k", dist.Categorical(torch.ones(3) / 3))
+        pyro.sample("x", dist.Normal(0.0, 1.0))
+
+    guide = AutoPlanarFlow(model, num_flows=2)
+    with pytest.raises(ValueError, match="'k'.*(enumerat|marginalis)"):
+        guide()
+
+
+def test_error_no_latent_sites():
+    def model():
+        pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.3))
+
+    with pytest.raises(ValueError, match="no latent"):
+        AutoPlanarFlow(model, num_flows=2)()
+
+
+@pytest.mark.parametrize("init_scale", [0.0, -1.0, float("nan")])
+def test_error_init_scale(init_scale):
+    with pytest.raises(ValueError, match="init_scale"):
+        AutoPlanarFlow(normal_normal, init_scale=init_scale)
+
+
+def test_error_transform_fn_not_callable():
+    with pytest.raises(TypeError, match="init_transform_fn"):
+        AutoNormalizingFlow(normal_normal, 3)
+    # a common slip: passing a transform instead of a factory
+    with pytest.raises(TypeError, match="init_transform_fn"):
+        AutoNormalizingFlow(normal_normal, planar_flow(1, 2))
+
+
+@pytest.mark.parametrize("num_flows", [0, -2, 2.5, "3", True, None])
+@pytest.mark.parametrize("cls", [AutoPlanarFlow, AutoRadialFlow])
+def test_error_num_flows(cls, num_flows):
+    with pytest.raises(ValueError, match="num_flows"):
+        cls(normal_normal, num_flows=num_flows)
+
+
+def test_custom_transform_fn_and_list():
+    data = _normal_data()
+    guide = AutoNormalizingFlow(
+        normal_normal, lambda d: [planar_flow(d, 2), radial_flow(d, 2)], init_scale=0.2
+    )
+    _train(normal_normal, guide, 10, args=(data,))
+    assert guide.get_posterior(data).sample((3,)).shape == (3, 1)
