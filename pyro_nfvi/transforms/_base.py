@@ -80,7 +80,8 @@ class LadjCacheMixin(Transform):
     def _check_param_versions(self) -> None:
         if not isinstance(self, torch.nn.Module):
             return
-        key = tuple(p._version for p in self.parameters())
+        # direct parameters only: the flows own no submodules, and this runs every call
+        key = tuple(p._version for p in self._parameters.values())
         if key != self._param_key:
             self._param_key = key
             self._cached_ladj_xy = None

@@ -37,6 +37,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import constraints
 
+from ._fused import planar_stack, use_fused
 from ._base import (
     LadjCacheMixin,
     check_context,
@@ -288,6 +289,9 @@ def stacked_planar_forward(x, bias, u_hat, w, q):
     """K planar layers in one pass; parameters stacked along dim -2 (layer ``k`` is
     ``[..., k, :]``). Returns ``(y, ladj)``: the log-dets of all layers are computed at
     the end in one vectorised op from the stored activations."""
+    if use_fused(x, u_hat, w, bias):
+        y, t = planar_stack(x, u_hat, w, bias)
+        return y, planar_log_det(t, q.squeeze(-1)).sum(-1)
     ts = []
     for k in range(w.shape[-2]):
         t = torch.tanh((x * w[..., k, :]).sum(-1, keepdim=True) + bias[..., k, :])

@@ -34,6 +34,7 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import constraints
 
+from ._fused import radial_stack, use_fused
 from ._base import (
     LadjCacheMixin,
     check_context,
@@ -234,6 +235,10 @@ def _unpack_stacked_radial(params) -> Params:
 def stacked_radial_forward(x, x0, alpha, beta, s):
     """K radial layers in one pass (layer ``k`` is ``[..., k, :]``); the log-dets of all
     layers are computed at the end in one vectorised op from the stored radii."""
+    D = x0.shape[-1]
+    if use_fused(x, x0, alpha, beta):
+        _, r = y_r = radial_stack(x, x0, alpha, beta)
+        return y_r[0], radial_log_det(r, alpha.squeeze(-1), s.squeeze(-1), D).sum(-1)
     rs = []
     for k in range(x0.shape[-2]):
         diff = x - x0[..., k, :]
@@ -241,7 +246,6 @@ def stacked_radial_forward(x, x0, alpha, beta, s):
         x = x + (beta[..., k, :] / (alpha[..., k, :] + r)) * diff
         rs.append(r)
     r = torch.cat(rs, dim=-1)
-    D = x0.shape[-1]
     return x, radial_log_det(r, alpha.squeeze(-1), s.squeeze(-1), D).sum(-1)
 
 
