@@ -65,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None,
                    help="PNG path (default: pyro_nfvi_<flow><K>.png in the current directory)")
     p.add_argument("--threads", type=_positive_int, default=1,
-                   help="torch intra-op threads (default: 1; small batches run fastest on one)")
+                   help="torch intra-op threads per fit (default: 1; small batches run "
+                   "fastest on one)")
+    p.add_argument("--jobs", "-j", type=_positive_int, default=None,
+                   help="targets fitted in parallel processes (default: min(#targets, "
+                   "#CPUs)); results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -76,44 +80,97 @@ def _make_flow(kind: str, num_flows: int):
     return (planar_flow if kind == "planar" else radial_flow)(2, num_flows)
 
 
+def _fit_one(job: dict) -> dict:
+    """Fit one target (runs in a worker process when ``--jobs`` > 1); returns plain data
+    (state dicts, metrics) so that the parent can rebuild the fitted distribution."""
+    from .diagnostics import evaluate_density
+    from .infer import fit_density
+
+    torch.set_num_threads(job["threads"])
+    target = get_target(job["target"])
+    torch.manual_seed(job["seed"])
+    flow = _make_flow(job["flow"], job["num_flows"])
+    kw = {} if job["batch_size"] is None else {"batch_size": job["batch_size"]}
+    fit = fit_density(flow, target, num_steps=job["steps"], progress=job["progress"],
+                      seed=job["seed"] + 1, **kw)
+    with torch.no_grad():
+        m = evaluate_density(fit.q, target, num_samples=job["num_samples"], seed=job["seed"] + 2)
+    m.update(target=job["target"], flow=job["flow"], K=job["num_flows"], seconds=fit.seconds)
+    return {
+        "metrics": m,
+        "flow_state": {k: v.detach().clone() for k, v in flow.state_dict().items()},
+        "affine_state": None if fit.affine is None else
+        {k: v.detach().clone() for k, v in fit.affine.state_dict().items()},
+        "losses": fit.losses,
+    }
+
+
+def _rebuild_q(job: dict, result: dict):
+    import pyro.distributions as dist
+
+    from .infer import AffineBase
+
+    flow = _make_flow(job["flow"], job["num_flows"])
+    flow.load_state_dict(result["flow_state"])
+    transforms = [flow]
+    if result["affine_state"] is not None:
+        affine = AffineBase(2)
+        affine.load_state_dict(result["affine_state"])
+        transforms.append(affine.transform())
+    base = dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1)
+    return dist.TransformedDistribution(base, transforms)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     """Run the demo; returns one result dict per target (also printed as a table)."""
     args = build_parser().parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
-    from .diagnostics import evaluate_density
-    from .infer import fit_density
     from .plotting import plot_density_grid
 
-    torch.set_num_threads(args.threads)
     out = args.out or f"pyro_nfvi_{args.flow}{args.num_flows}.png"
-    rows, flows, targets = [], [], []
-    header = f"{'target':<7}{'flow':<8}{'K':>4}  {'KL (nats) ± se':>18}  {'ESS %':>6}  {'k-hat':>6}  {'seconds':>7}"
+    jobs = [
+        dict(target=name, flow=args.flow, num_flows=args.num_flows, steps=args.steps,
+             batch_size=args.batch_size, seed=args.seed + 1000 * i, num_samples=args.num_samples,
+             threads=args.threads, progress=not args.no_progress)
+        for i, name in enumerate(args.targets)
+    ]
+    n_workers = args.jobs or min(len(jobs), os.cpu_count() or 1)
+    n_workers = max(1, min(n_workers, len(jobs)))
     total0 = time.perf_counter()
-    for i, name in enumerate(args.targets):
-        target = get_target(name)
-        torch.manual_seed(args.seed + i)
-        flow = _make_flow(args.flow, args.num_flows)
-        kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
-        fit = fit_density(flow, target, num_steps=args.steps, progress=not args.no_progress,
-                          seed=args.seed + 1000 * i, **kw)
-        with torch.no_grad():
-            m = evaluate_density(fit.q, target, num_samples=args.num_samples, seed=args.seed)
-        m.update(target=name, flow=args.flow, K=args.num_flows, seconds=fit.seconds)
-        rows.append(m)
-        flows.append(fit.q)
-        targets.append(target)
+    if n_workers == 1:
+        results = [_fit_one(job) for job in jobs]
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        for job in jobs:  # interleaved bars from several processes are unreadable
+            job["progress"] = False
+        print(f"fitting {len(jobs)} targets in {n_workers} processes ...", flush=True)
+        import importlib
+
+        # under ``python -m`` this file runs as ``__main__``, which spawned workers cannot
+        # import by that name: hand them the function of the importable module instead
+        worker = importlib.import_module("pyro_nfvi.__main__")._fit_one
+        with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
+            results = list(pool.map(worker, jobs))
+    torch.set_num_threads(args.threads)
+    rows = [r["metrics"] for r in results]
+    header = (f"{'target':<7}{'flow':<8}{'K':>4}  {'KL (nats) ± se':>18}  {'ESS %':>6}"
+              f"  {'k-hat':>6}  {'seconds':>7}")
     print()
     print(header)
     print("-" * len(header))
     for m in rows:
         print(f"{m['target']:<7}{m['flow']:<8}{m['K']:>4}  {m['kl']:>9.4f} ± {m['kl_se']:<6.4f}"
               f"  {100 * m['ess']:>6.1f}  {m['k_hat']:>6.2f}  {m['seconds']:>7.1f}")
-    fig = plot_density_grid(targets, flows, metrics=rows)
+    qs = [_rebuild_q(job, r) for job, r in zip(jobs, results)]
+    fig = plot_density_grid([get_target(j["target"]) for j in jobs], qs, metrics=rows)
     fig.suptitle(f"{args.flow} flow, K = {args.num_flows}, {args.steps} steps")
     fig.savefig(out, dpi=80)
-    print(f"\ntotal {time.perf_counter() - total0:.1f} s; figure written to {os.path.abspath(out)}")
+    print(f"\ntotal {time.perf_counter() - total0:.1f} s wall ({n_workers} process"
+          f"{'es' if n_workers > 1 else ''}); figure written to {os.path.abspath(out)}")
     return rows
 
 

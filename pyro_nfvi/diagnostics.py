@@ -72,7 +72,7 @@ def ess_fraction(log_w: torch.Tensor) -> float:
     (1 when all weights are equal).
 
     >>> import torch
-    >>> ess_fraction(torch.zeros(5))
+    >>> round(ess_fraction(torch.zeros(5)), 6)
     1.0
     """
     log_w = log_w.detach().double().reshape(-1)
