@@ -224,6 +224,13 @@ class AutoNormalizingFlow(AutoContinuous):
 
     # ------------------------------------------------------------------ setup
     def _setup_prototype(self, *args, **kwargs) -> None:
+        try:
+            self._setup_prototype_impl(*args, **kwargs)
+        except Exception:
+            self.prototype_trace = None  # a later call retries from scratch
+            raise
+
+    def _setup_prototype_impl(self, *args, **kwargs) -> None:
         AutoGuide._setup_prototype(self, *args, **kwargs)
         self._unconstrained_shapes = {}
         self._cond_indep_stacks = {}
@@ -294,6 +301,7 @@ class AutoNormalizingFlow(AutoContinuous):
         unconstrained latent :math:`z`: ``ComposeTransform([flow, affine])``.
         Used e.g. by :class:`~pyro.infer.reparam.NeuTraReparam`.
         """
+        self._check_setup(*args, **kwargs)
         return ComposeTransform([self.transform, self._affine()])
 
     def get_posterior(self, *args, **kwargs) -> dist.TransformedDistribution:
