@@ -444,3 +444,19 @@ def test_near_gaussian_posterior_no_worse_than_mvn():
     # measured: flow - mvn ~ -0.04 nats at 400 steps (flows start slightly off
     # identity), -0.02 at 500; the ELBO itself is ~ -75.6
     assert flow > mvn - 0.1, (flow, mvn)
+
+
+def test_drop_in_for_pyro_builtin_flows():
+    # the same init_transform_fn as for pyro.infer.autoguide.AutoNormalizingFlow
+    from functools import partial
+
+    from pyro.distributions.transforms import affine_autoregressive, iterated
+
+    data = _normal_data()
+    guide = AutoNormalizingFlow(
+        constrained_model, partial(iterated, 2, affine_autoregressive)
+    )
+    losses = _train(constrained_model, guide, 20, args=(data,))
+    assert all(math.isfinite(x) for x in losses)
+    assert any(".transform" in n for n in pyro.get_param_store().keys())
+    assert guide.median(data)["w"].shape == (4,)
