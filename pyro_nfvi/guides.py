@@ -16,7 +16,6 @@ import torch
 from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform, Transform
 
-import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ComposeTransformModule, LowerCholeskyAffine
