@@ -439,10 +439,11 @@ def logistic_regression(X, y):
 
 def test_near_gaussian_posterior_no_worse_than_mvn():
     mvn, flow = _compare_with_mvn(
-        logistic_regression, steps=400, num_flows=8, args=_logistic_data(), decay=0.01
+        logistic_regression, steps=600, num_flows=8, args=_logistic_data(), decay=0.01
     )
-    # measured: flow - mvn ~ -0.04 nats at 400 steps (flows start slightly off
-    # identity), -0.02 at 500; the ELBO itself is ~ -75.6
+    # ELBO ~ -75.64 for both; measured flow - mvn = -0.03 .. -0.04 nats over 3
+    # seeds at 600 steps (-0.07 at 400: the random flow init is not exactly the
+    # identity, so the flow guide converges a little more slowly)
     assert flow > mvn - 0.1, (flow, mvn)
 
 
