@@ -37,7 +37,8 @@ from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import constraints
 
-from ._fused import planar_stack, use_fused
+from ._fused import planar_stack, run_compiled, use_fused
+from ._math import planar_log_det, planar_u_hat
 from ._base import (
     LadjCacheMixin,
     check_context,
@@ -56,30 +57,6 @@ __all__ = [
 ]
 
 Params = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def planar_u_hat(u: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(u_hat, q)`` with ``q = 1 + w·u_hat > 0`` (shape ``(..., 1)``).
-
-    ``‖w‖²`` is floored at ``eps²`` so that ``w = 0`` gives ``u_hat = u`` (the map is
-    then a translation and already invertible) instead of NaN.
-    """
-    a = (w * u).sum(-1, keepdim=True)
-    sp = F.softplus(a)
-    wnorm2 = (w * w).sum(-1, keepdim=True)
-    floor = torch.finfo(wnorm2.dtype).eps ** 2
-    denom = wnorm2.clamp_min(floor)
-    u_hat = u + (sp - 1 - a) * (w / denom)
-    # s = 1 except where ||w||^2 < floor; q = 1 + w.u_hat without cancellation.
-    s = wnorm2 / denom
-    q = sp * s + (1 + a) * (1 - s)
-    return u_hat, q.clamp_min(torch.finfo(q.dtype).tiny)
-
-
-def planar_log_det(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """``log(1 + (q-1)(1-t²))`` computed as ``log(t² + q(1-t²))`` (no cancellation)."""
-    t2 = t * t
-    return torch.log(torch.addcmul(t2, q, 1 - t2).clamp_min(torch.finfo(t.dtype).tiny))
 
 
 def planar_solve(c: torch.Tensor, q: torch.Tensor, max_iter: int = 200) -> torch.Tensor:
@@ -285,13 +262,14 @@ def _unpack_stacked_planar(params) -> Params:
     return bias, u, w
 
 
-def stacked_planar_forward(x, bias, u_hat, w, q):
-    """K planar layers in one pass; parameters stacked along dim -2 (layer ``k`` is
-    ``[..., k, :]``). Returns ``(y, ladj)``: the log-dets of all layers are computed at
-    the end in one vectorised op from the stored activations."""
-    if use_fused(x, u_hat, w, bias):
-        y, t = planar_stack(x, u_hat, w, bias)
-        return y, planar_log_det(t, q.squeeze(-1)).sum(-1)
+def stacked_planar(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log|det J|)`` of K planar layers from raw parameters stacked along dim -2
+    (layer ``k`` is ``[..., k, :]``). Unbatched parameters take the fused
+    :mod:`._fused` path; otherwise a plain autograd loop, with the log-dets of all
+    layers computed at the end in one vectorised op from the stored activations."""
+    if use_fused(x, u, w, bias):
+        return planar_stack(x, u, w, bias)
+    u_hat, q = planar_u_hat(u, w)
     ts = []
     for k in range(w.shape[-2]):
         t = torch.tanh((x * w[..., k, :]).sum(-1, keepdim=True) + bias[..., k, :])
@@ -323,9 +301,9 @@ class ConditionedStackedPlanar(LadjCacheMixin):
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
-        bias, u_hat, w, q = self._planar_params()
+        bias, u, w = _unpack_stacked_planar(self._params)
         check_event(x, w.shape[-1])
-        return stacked_planar_forward(x, bias, u_hat, w, q)
+        return stacked_planar(x, bias, u, w)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         bias, u_hat, w, q = self._planar_params()
@@ -351,15 +329,25 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
     >>> torch.allclose(flow.inv(y), x, atol=1e-5), ladj.shape
     (True, torch.Size([4]))
 
+    **Speed.** By default the forward pass and its gradient run in a hand-written
+    ``autograd.Function`` (~4 tensor ops per layer each way). ``compile=True`` runs the
+    forward through ``torch.compile`` instead, which fuses the layer loop: for K = 32,
+    batch 256, D = 2 a training step is ~1.5x faster again, at a one-off warm-up of
+    roughly 20-60 s on a 2-core CPU (and again for each new batch shape, until
+    ``torch.compile`` marks the shape dynamic). Where compilation is unavailable it
+    warns once and falls back to the eager path.
+
     :param input_dim: dimension ``D``.
     :param num_flows: number of layers ``K``.
+    :param compile: use ``torch.compile`` for the forward pass.
     """
 
-    def __init__(self, input_dim: int, num_flows: int):
+    def __init__(self, input_dim: int, num_flows: int, compile: bool = False):
         input_dim = check_input_dim(input_dim)
         num_flows = check_input_dim(num_flows, "num_flows")
         super().__init__(self._params_tuple)
         self.input_dim, self.num_flows = input_dim, num_flows
+        self.compile = bool(compile)
         self.bias = nn.Parameter(torch.empty(num_flows, 1))
         self.u = nn.Parameter(torch.empty(num_flows, input_dim))
         self.w = nn.Parameter(torch.empty(num_flows, input_dim))
@@ -367,6 +355,11 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
 
     def _params_tuple(self) -> Params:
         return self.bias, self.u, self.w
+
+    def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y, log|det dy/dx|)`` in one pass (compiled if ``compile=True``)."""
+        check_event(x, self.input_dim)
+        return run_compiled(self, stacked_planar, x, self.bias, self.u, self.w)
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.input_dim)
@@ -376,7 +369,7 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
             self.bias.zero_()
 
     def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, num_flows={self.num_flows}"
+        return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"
 
 
 class ConditionalStackedPlanar(ConditionalTransformModule):

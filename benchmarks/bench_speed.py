@@ -1,0 +1,170 @@
+"""Speed of pyro_nfvi's K-layer flows against Pyro's built-ins, measured in one run.
+
+Part 1: one reverse-KL training step (rsample + log q + log p + backward + Adam) of a
+flow distribution N(0, I) -> K layers, for Pyro's built-in ``Planar``/``Radial`` composed K
+times, our stack in eager mode, and our stack with ``compile=True``; ratios are
+``pyro ms / ours ms`` from the same process.
+
+Part 2: one SVI step (Trace_ELBO, 1 particle, Adam) on a 2-D model for
+``pyro_nfvi.guides.AutoPlanarFlow(num_flows=32)``, Pyro's
+``AutoNormalizingFlow(partial(iterated, 32, planar))`` and ``AutoNormal``.
+
+Timings interleave the contenders in rounds and report the median, so background load
+hits them alike.
+
+Usage::
+
+    python benchmarks/bench_speed.py               # full grid (compile warm-ups: a few minutes)
+    python benchmarks/bench_speed.py --quick       # K=32, B=256, D=2 only
+    python benchmarks/bench_speed.py --no-compile  # eager only
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+import warnings
+from functools import partial
+
+import pyro
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+from pyro.distributions.torch_transform import ComposeTransformModule
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.autoguide import AutoNormalizingFlow as PyroAutoNormalizingFlow
+
+from pyro_nfvi import helpers
+
+
+def reverse_kl_step(flow: torch.nn.Module, D: int, B: int):
+    base = dist.Normal(torch.zeros(D), 1.0).to_event(1)
+    q = dist.TransformedDistribution(base, [flow])
+    target = dist.Normal(torch.full((D,), 0.5), 2.0).to_event(1)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        z = q.rsample((B,))
+        loss = (q.log_prob(z) - target.log_prob(z)).mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def time_interleaved(steps: dict, rounds: int = 5, min_time: float = 0.15) -> dict:
+    """Median ms/step of each callable, measured in interleaved rounds."""
+    reps = {}
+    for name, step in steps.items():
+        step()
+        step()  # warm-up (compilation happens here)
+        t0, n = time.perf_counter(), 0
+        while n < 2 or time.perf_counter() - t0 < min_time / 3:
+            step()
+            n += 1
+        reps[name] = max(2, int(min_time / ((time.perf_counter() - t0) / n)))
+    samples = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                step()
+            samples[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def bench_flows(grid, use_compile: bool, rounds: int):
+    print(f"\n== reverse-KL step, ms/step (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    header = f"{'flow':7s} {'K':>3s} {'B':>5s} {'D':>3s} {'pyro':>8s} {'eager':>8s} {'x eager':>8s}"
+    if use_compile:
+        header += f" {'compiled':>9s} {'x comp':>7s} {'warmup s':>8s}"
+    print(header)
+    for kind in ("planar", "radial"):
+        builtin = T.Planar if kind == "planar" else T.Radial
+        ours = helpers.planar_flow if kind == "planar" else helpers.radial_flow
+        for K, B, D in grid:
+            torch.manual_seed(0)
+            steps = {
+                "pyro": reverse_kl_step(ComposeTransformModule([builtin(D) for _ in range(K)]), D, B),
+                "eager": reverse_kl_step(ours(D, K), D, B),
+            }
+            warm = float("nan")
+            if use_compile:
+                steps["compiled"] = reverse_kl_step(ours(D, K, compile=True), D, B)
+                t0 = time.perf_counter()
+                steps["compiled"]()
+                warm = time.perf_counter() - t0
+            ms = time_interleaved(steps, rounds=rounds)
+            line = (
+                f"{kind:7s} {K:3d} {B:5d} {D:3d} {ms['pyro']:8.3f} {ms['eager']:8.3f} "
+                f"{ms['pyro'] / ms['eager']:7.1f}x"
+            )
+            if use_compile:
+                line += f" {ms['compiled']:9.3f} {ms['pyro'] / ms['compiled']:6.1f}x {warm:8.1f}"
+            print(line, flush=True)
+
+
+def svi_model():
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    b = pyro.sample("b", dist.Normal(a, 1.0))
+    pyro.sample("obs", dist.Normal(a + b, 0.5), obs=torch.tensor(1.0))
+
+
+def svi_step(guide):
+    svi = SVI(svi_model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+    svi.step()
+    return svi.step
+
+
+def bench_svi(use_compile: bool, rounds: int):
+    from pyro_nfvi.guides import AutoPlanarFlow
+
+    print("\n== SVI step on a 2-D model, ms/step")
+    pyro.clear_param_store()
+    steps = {}
+    # each guide gets its own param store entries (distinct names via prefixes)
+    steps["AutoNormal"] = svi_step(AutoNormal(svi_model))
+    steps["pyro AutoNormalizingFlow(32 planar)"] = svi_step(
+        PyroAutoNormalizingFlow(svi_model, partial(T.iterated, 32, T.planar))
+    )
+    steps["ours AutoPlanarFlow(32)"] = svi_step(AutoPlanarFlow(svi_model, num_flows=32))
+    if use_compile:
+        steps["ours AutoPlanarFlow(32, compile)"] = svi_step(
+            AutoPlanarFlow(svi_model, num_flows=32, compile=True)
+        )
+    ms = time_interleaved(steps, rounds=rounds)
+    ref = ms["pyro AutoNormalizingFlow(32 planar)"]
+    for name, v in ms.items():
+        print(
+            f"{name:36s} {v:8.3f} ms   pyro-flow/this {ref / v:5.1f}x   "
+            f"this/AutoNormal {v / ms['AutoNormal']:4.2f}x"
+        )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="only K=32, B=256, D=2")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--skip-svi", action="store_true")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if args.quick:
+        grid = [(32, 256, 2)]
+    else:
+        grid = [(K, B, D) for D in (2, 50) for B in (256, 4096) for K in (2, 8, 32)]
+    bench_flows(grid, not args.no_compile, args.rounds)
+    if not args.skip_svi:
+        bench_svi(not args.no_compile, args.rounds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
