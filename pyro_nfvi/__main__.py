@@ -21,7 +21,7 @@ import torch
 
 from .targets import TARGETS, get_target
 
-DEFAULT_STEPS = 6000
+DEFAULT_STEPS = 12000
 
 
 def _positive_int(text: str) -> int:
