@@ -234,7 +234,7 @@ def test_stack_equals_composition_of_single_layers():
         layers = []
         for k in range(K):
             layer = single(D).double()
-            layer.load_state_dict({n: getattr(stack, n)[k] for n in names})
+            layer.load_state_dict({n: getattr(stack, n)[k].reshape(getattr(layer, n).shape) for n in names})
             layers.append(layer)
         composed = ComposeTransformModule(layers)
         x = torch.randn(20, D, dtype=torch.float64) * 3
@@ -439,3 +439,14 @@ def test_fused_stack_matches_plain_autograd_path(kind, D):
     if kind == "planar":  # gradcheck away from the w = 0 kink of the eps-floor
         inputs[3].data[0] = 0.3
     assert torch.autograd.gradcheck(f, inputs)
+
+
+@pytest.mark.parametrize("make", [helpers.planar_flow, helpers.radial_flow])
+def test_near_identity_init(make):
+    flow = make(3, 16)
+    x = torch.randn(100, 3) * 2
+    assert (flow(x) - x).abs().max() > 0.1  # Pyro's default init is not the identity
+    flow.reset_parameters(near_identity=True)
+    y, ladj = flow.call_and_ladj(x)
+    assert (y - x).abs().max() < 0.2 and ladj.abs().max() < 0.2
+    assert torch.allclose(flow._inverse(y), x, atol=1e-4)

@@ -44,7 +44,7 @@ def _planar_u_hat_vjp(u, w, g_u_hat, g_q):
 
 
 class _PlanarStack(torch.autograd.Function):
-    """``(x (N, D), u (K, D), w (K, D), b (K,)) -> (y (N, D), ladj (N,))``.
+    """``(x (N, D), theta (K, 2D+1)) -> (y (N, D), ladj (N,))``, ``theta = [u | w | b]``.
 
     Works on the layers' scalar pre-activations: with ``M = tril(W Û^T, -1)``,
     ``a_k = w_k·x + b_k + Σ_{j<k} M_kj t_j`` and ``y = x + Σ_k t_k û_k``, so each layer
@@ -53,7 +53,9 @@ class _PlanarStack(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, u, w, b):
+    def forward(ctx, x, theta):
+        D = x.shape[1]
+        u, w, b = theta[:, :D], theta[:, D : 2 * D], theta[:, 2 * D]
         u_hat, q = planar_u_hat(u, w)
         m = torch.tril(w @ u_hat.t(), -1)  # (K, K): w_k . u_hat_j for j < k
         a = torch.addmm(b.unsqueeze(1), w, x.t())  # (K, N): w_k . x + b_k
@@ -86,14 +88,16 @@ class _PlanarStack(torch.autograd.Function):
         g_u_hat = torch.addmm(p.t() @ w, t, gy)
         g_u, g_w = _planar_u_hat_vjp(u, w, g_u_hat, g_q.squeeze(-1))
         g_w = g_w + torch.addmm(p @ u_hat, g, x)
-        return g_x, g_u, g_w, g.sum(1)
+        return g_x, torch.cat([g_u, g_w, g.sum(1, keepdim=True)], 1)
 
 
 class _RadialStack(torch.autograd.Function):
-    """``(x (N, D), x0 (K, D), alpha' (K,), beta' (K,)) -> (y (N, D), ladj (N,))``."""
+    """``(x (N, D), theta (K, D+2)) -> (y (N, D), ladj (N,))``, ``theta = [x0 | α' | β']``."""
 
     @staticmethod
-    def forward(ctx, x, x0, alpha_prime, beta_prime):
+    def forward(ctx, x, theta):
+        D = x.shape[1]
+        x0, alpha_prime, beta_prime = theta[:, :D], theta[:, D], theta[:, D + 1]
         alpha, beta, s = radial_ab(alpha_prime, beta_prime)
         N, K, D = x.shape[0], x0.shape[0], x.shape[1]
         diffs = torch.empty((K,) + x.shape, dtype=x.dtype, device=x.device)
@@ -139,17 +143,13 @@ class _RadialStack(torch.autograd.Function):
         g_beta = (gdots * inv_a).sum(1)
         g_alpha = (gdots * dphi).sum(1) + g_alpha_ld.sum(1) - g_beta  # beta = s - alpha
         g_s = g_s_ld.sum(1) + g_beta
-        return (
-            g,
-            -gds.sum(1),
-            g_alpha * torch.sigmoid(alpha_prime),
-            g_s * torch.sigmoid(beta_prime),
-        )
+        g_ab = torch.stack([g_alpha * torch.sigmoid(alpha_prime), g_s * torch.sigmoid(beta_prime)], 1)
+        return g, torch.cat([-gds.sum(1), g_ab], 1)
 
 
 def use_fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """Whether the hand-written stack applies: unbatched params, eager mode, and
-    no higher-order autograd tracing."""
+    no tracing or compiling."""
     if any(p.dim() != 2 for p in params):
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
@@ -157,20 +157,19 @@ def use_fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
     return x.dim() >= 1 and x.dtype == params[0].dtype
 
 
-def planar_stack(x, u, w, b) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(y, ladj)`` of K planar layers from raw ``(K, D)`` parameters; ``x`` of any
-    batch shape."""
+def planar_stack(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, ladj)`` of K planar layers from packed raw parameters ``theta = [u | w | b]``
+    of shape ``(K, 2D+1)``; ``x`` of any batch shape."""
     shape = x.shape
-    y, ladj = _PlanarStack.apply(x.reshape(-1, shape[-1]), u, w, b.reshape(-1))
+    y, ladj = _PlanarStack.apply(x.reshape(-1, shape[-1]), theta)
     return y.reshape(shape), ladj.reshape(shape[:-1])
 
 
-def radial_stack(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(y, ladj)`` of K radial layers from raw parameters; ``x`` of any batch shape."""
+def radial_stack(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, ladj)`` of K radial layers from packed raw parameters
+    ``theta = [x0 | alpha' | beta']`` of shape ``(K, D+2)``; ``x`` of any batch shape."""
     shape = x.shape
-    y, ladj = _RadialStack.apply(
-        x.reshape(-1, shape[-1]), x0, alpha_prime.reshape(-1), beta_prime.reshape(-1)
-    )
+    y, ladj = _RadialStack.apply(x.reshape(-1, shape[-1]), theta)
     return y.reshape(shape), ladj.reshape(shape[:-1])
 
 

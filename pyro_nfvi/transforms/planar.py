@@ -268,7 +268,7 @@ def stacked_planar(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
     :mod:`._fused` path; otherwise a plain autograd loop, with the log-dets of all
     layers computed at the end in one vectorised op from the stored activations."""
     if use_fused(x, u, w, bias):
-        return planar_stack(x, u, w, bias)
+        return planar_stack(x, torch.cat([u, w, bias], -1))
     u_hat, q = planar_u_hat(u, w)
     ts = []
     for k in range(w.shape[-2]):
@@ -277,6 +277,14 @@ def stacked_planar(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
         ts.append(t)
     t = torch.cat(ts, dim=-1)
     return x, planar_log_det(t, q.squeeze(-1)).sum(-1)
+
+
+def stacked_planar_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`stacked_planar` with parameters packed as ``theta = [u | w | b]``."""
+    if use_fused(x, theta):
+        return planar_stack(x, theta)
+    D = x.shape[-1]
+    return stacked_planar(x, theta[..., 2 * D :], theta[..., :D], theta[..., D : 2 * D])
 
 
 class ConditionedStackedPlanar(LadjCacheMixin):
@@ -348,10 +356,21 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
         super().__init__(self._params_tuple)
         self.input_dim, self.num_flows = input_dim, num_flows
         self.compile = bool(compile)
-        self.bias = nn.Parameter(torch.empty(num_flows, 1))
-        self.u = nn.Parameter(torch.empty(num_flows, input_dim))
-        self.w = nn.Parameter(torch.empty(num_flows, input_dim))
+        # One tensor [u | w | b] of shape (K, 2D+1): one optimiser entry, one grad.
+        self.theta = nn.Parameter(torch.empty(num_flows, 2 * input_dim + 1))
         self.reset_parameters()
+
+    @property
+    def u(self) -> torch.Tensor:
+        return self.theta[:, : self.input_dim]
+
+    @property
+    def w(self) -> torch.Tensor:
+        return self.theta[:, self.input_dim : 2 * self.input_dim]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.theta[:, 2 * self.input_dim :]
 
     def _params_tuple(self) -> Params:
         return self.bias, self.u, self.w
@@ -359,14 +378,21 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass (compiled if ``compile=True``)."""
         check_event(x, self.input_dim)
-        return run_compiled(self, stacked_planar, x, self.bias, self.u, self.w)
+        return run_compiled(self, stacked_planar_packed, x, self.theta)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, near_identity: bool = False) -> None:
+        """Pyro's initialisation (``u, w ~ U(±1/√D)``, ``b = 0``), or with
+        ``near_identity=True`` each layer starts within ~0.01 of the identity map
+        (``u`` set so that ``û ≈ 0``), as a guide wants at step 0."""
         bound = 1.0 / math.sqrt(self.input_dim)
         with torch.no_grad():
-            self.u.uniform_(-bound, bound)
-            self.w.uniform_(-bound, bound)
+            self.theta.uniform_(-bound, bound)
             self.bias.zero_()
+            if near_identity:
+                w = self.w
+                # softplus(w.u) - 1 - w.u = 0 at w.u = log(e - 1): then û = u
+                u0 = math.log(math.e - 1) * w / (w * w).sum(-1, keepdim=True)
+                self.u.copy_(u0 + 0.01 * bound * torch.randn_like(u0))
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"

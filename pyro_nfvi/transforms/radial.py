@@ -218,7 +218,7 @@ def stacked_radial(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.
     (layer ``k`` is ``[..., k, :]``). Unbatched parameters take the fused path;
     otherwise a plain autograd loop, log-dets computed at the end from the radii."""
     if use_fused(x, x0, alpha_prime, beta_prime):
-        return radial_stack(x, x0, alpha_prime, beta_prime)
+        return radial_stack(x, torch.cat([x0, alpha_prime, beta_prime], -1))
     alpha, beta, s = radial_ab(alpha_prime, beta_prime)
     rs = []
     for k in range(x0.shape[-2]):
@@ -228,6 +228,14 @@ def stacked_radial(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.
         rs.append(r)
     r = torch.cat(rs, dim=-1)
     return x, radial_log_det(r, alpha.squeeze(-1), s.squeeze(-1), x0.shape[-1]).sum(-1)
+
+
+def stacked_radial_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`stacked_radial` with parameters packed as ``theta = [x0 | α' | β']``."""
+    if use_fused(x, theta):
+        return radial_stack(x, theta)
+    D = x.shape[-1]
+    return stacked_radial(x, theta[..., :D], theta[..., D : D + 1], theta[..., D + 1 :])
 
 
 class ConditionedStackedRadial(LadjCacheMixin):
@@ -288,10 +296,21 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
         super().__init__(self._params_tuple)
         self.input_dim, self.num_flows = input_dim, num_flows
         self.compile = bool(compile)
-        self.x0 = nn.Parameter(torch.empty(num_flows, input_dim))
-        self.alpha_prime = nn.Parameter(torch.empty(num_flows, 1))
-        self.beta_prime = nn.Parameter(torch.empty(num_flows, 1))
+        # One tensor [x0 | alpha' | beta'] of shape (K, D+2): one optimiser entry.
+        self.theta = nn.Parameter(torch.empty(num_flows, input_dim + 2))
         self.reset_parameters()
+
+    @property
+    def x0(self) -> torch.Tensor:
+        return self.theta[:, : self.input_dim]
+
+    @property
+    def alpha_prime(self) -> torch.Tensor:
+        return self.theta[:, self.input_dim : self.input_dim + 1]
+
+    @property
+    def beta_prime(self) -> torch.Tensor:
+        return self.theta[:, self.input_dim + 1 :]
 
     def _params_tuple(self) -> Params:
         return self.x0, self.alpha_prime, self.beta_prime
@@ -299,14 +318,16 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass (compiled if ``compile=True``)."""
         check_event(x, self.input_dim)
-        return run_compiled(self, stacked_radial, x, self.x0, self.alpha_prime, self.beta_prime)
+        return run_compiled(self, stacked_radial_packed, x, self.theta)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, near_identity: bool = False) -> None:
+        """Pyro's initialisation (all ``U(±1/√D)``), or with ``near_identity=True``
+        ``β ≈ 0`` so that each layer starts near the identity map."""
         bound = 1.0 / math.sqrt(self.input_dim)
         with torch.no_grad():
-            self.x0.uniform_(-bound, bound)
-            self.alpha_prime.uniform_(-bound, bound)
-            self.beta_prime.uniform_(-bound, bound)
+            self.theta.uniform_(-bound, bound)
+            if near_identity:  # beta = softplus(beta') - softplus(alpha') ~ 0
+                self.beta_prime.copy_(self.alpha_prime + 0.01 * bound * torch.randn_like(self.alpha_prime))
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"
