@@ -1,10 +1,15 @@
 """pyro_nfvi: normalizing-flow variational inference for Pyro.
 
 Planar and radial flows with exact log-determinants and exact inverses of any point,
-conditional (hypernetwork) variants, fused K-layer stacks, and flow autoguides.
+conditional (hypernetwork) variants, fused K-layer stacks, flow autoguides, 2-D
+benchmark targets, training helpers and diagnostics. ``pyro_nfvi.plotting`` (matplotlib)
+is imported on first use.
 """
 
-from . import helpers, transforms
+import importlib
+
+from . import diagnostics, guides, helpers, infer, targets, testing, transforms
+from .guides import AutoNormalizingFlow, AutoPlanarFlow, AutoRadialFlow
 from .helpers import (
     conditional_planar,
     conditional_planar_flow,
@@ -15,19 +20,37 @@ from .helpers import (
     radial,
     radial_flow,
 )
+from .infer import fit, fit_density
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoNormalizingFlow",
+    "AutoPlanarFlow",
+    "AutoRadialFlow",
     "__version__",
     "conditional_planar",
     "conditional_planar_flow",
     "conditional_radial",
     "conditional_radial_flow",
+    "diagnostics",
+    "fit",
+    "fit_density",
+    "guides",
     "helpers",
+    "infer",
     "planar",
     "planar_flow",
+    "plotting",
     "radial",
     "radial_flow",
+    "targets",
+    "testing",
     "transforms",
 ]
+
+
+def __getattr__(name):
+    if name in ("plotting", "amortized"):
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
