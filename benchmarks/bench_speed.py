@@ -108,6 +108,28 @@ def bench_flows(grid, use_compile: bool, rounds: int):
             print(line, flush=True)
 
 
+def bench_stack_vs_single(rounds: int):
+    """The fused stack must not be slower than composing our own single layers."""
+    from pyro_nfvi.transforms import Planar, Radial
+
+    print("\n== our stack vs K of our single layers composed (eager), ms/step, B=256")
+    print(f"{'flow':7s} {'K':>3s} {'D':>3s} {'single':>8s} {'stack':>8s} {'single/stack':>12s}")
+    for kind, single, stack in (
+        ("planar", Planar, helpers.planar_flow),
+        ("radial", Radial, helpers.radial_flow),
+    ):
+        for K, D in ((1, 2), (1, 50), (8, 50), (32, 50)):
+            torch.manual_seed(0)
+            ms = time_interleaved(
+                {
+                    "single": reverse_kl_step(ComposeTransformModule([single(D) for _ in range(K)]), D, 256),
+                    "stack": reverse_kl_step(stack(D, K), D, 256),
+                },
+                rounds=rounds,
+            )
+            print(f"{kind:7s} {K:3d} {D:3d} {ms['single']:8.3f} {ms['stack']:8.3f} {ms['single'] / ms['stack']:11.1f}x", flush=True)
+
+
 def svi_model():
     a = pyro.sample("a", dist.Normal(0.0, 1.0))
     b = pyro.sample("b", dist.Normal(a, 1.0))
@@ -161,6 +183,8 @@ def main(argv=None) -> int:
     else:
         grid = [(K, B, D) for D in (2, 50) for B in (256, 4096) for K in (2, 8, 32)]
     bench_flows(grid, not args.no_compile, args.rounds)
+    if not args.quick:
+        bench_stack_vs_single(args.rounds)
     if not args.skip_svi:
         bench_svi(not args.no_compile, args.rounds)
     return 0

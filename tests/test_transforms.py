@@ -223,9 +223,10 @@ def test_maximum_likelihood_training(kind):
     assert nll < gauss_nll
 
 
-def test_stack_equals_composition_of_single_layers():
+@pytest.mark.parametrize("K", [1, 5])
+def test_stack_equals_composition_of_single_layers(K):
     torch.manual_seed(0)
-    D, K = 3, 5
+    D = 3
     for stack, single, names in [
         (StackedPlanar(D, K), Planar, ["bias", "u", "w"]),
         (StackedRadial(D, K), Radial, ["x0", "alpha_prime", "beta_prime"]),

@@ -148,9 +148,9 @@ class _RadialStack(torch.autograd.Function):
 
 
 def use_fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether the hand-written stack applies: unbatched params, eager mode, and
-    no tracing or compiling."""
-    if any(p.dim() != 2 for p in params):
+    """Whether the hand-written stack applies: unbatched params of more than one layer
+    (for one layer the plain ops are as cheap), eager mode, no tracing or compiling."""
+    if any(p.dim() != 2 for p in params) or params[0].shape[0] < 2:
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False

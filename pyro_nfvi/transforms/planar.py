@@ -97,6 +97,13 @@ def planar_solve(c: torch.Tensor, q: torch.Tensor, max_iter: int = 200) -> torch
     return a - (a + k * t - c) / planar_log_det(t, q).exp()
 
 
+def planar_call(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log|det J|)`` of one planar layer from raw parameters."""
+    u_hat, q = planar_u_hat(u, w)
+    t = torch.tanh((x * w).sum(-1, keepdim=True) + bias)
+    return x + u_hat * t, planar_log_det(t, q).squeeze(-1)
+
+
 def planar_inverse(y, bias, u_hat, w, q) -> torch.Tensor:
     """Exact inverse of one planar layer. Low-precision inputs are solved in float64:
     the inverse is off the training hot path, and near-singular layers (``q`` small)
@@ -148,10 +155,9 @@ class ConditionedPlanar(LadjCacheMixin):
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
-        bias, u_hat, w, q = self._planar_params()
+        bias, u, w = _unpack_planar(self._params)
         check_event(x, w.shape[-1])
-        t = torch.tanh((x * w).sum(-1, keepdim=True) + bias)
-        return x + u_hat * t, planar_log_det(t, q).squeeze(-1)
+        return planar_call(x, bias, u, w)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         bias, u_hat, w, q = self._planar_params()
@@ -284,6 +290,9 @@ def stacked_planar_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_fused(x, theta):
         return planar_stack(x, theta)
     D = x.shape[-1]
+    if theta.shape[-2] == 1:  # one layer: as cheap as the single-layer class
+        u, w, bias = theta.squeeze(-2).split([D, D, 1], -1)
+        return planar_call(x, bias, u, w)
     return stacked_planar(x, theta[..., 2 * D :], theta[..., :D], theta[..., D : 2 * D])
 
 

@@ -68,6 +68,15 @@ def radial_inverse_radius(gamma, alpha, s) -> torch.Tensor:
     return torch.where(pos, r_pos, r_neg)
 
 
+def radial_call(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log|det J|)`` of one radial layer from raw parameters."""
+    alpha, beta, s = radial_ab(alpha_prime, beta_prime)
+    diff = x - x0
+    r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+    y = x + (beta / (alpha + r)) * diff
+    return y, radial_log_det(r, alpha, s, x0.shape[-1]).squeeze(-1)
+
+
 def _unpack_radial(params) -> Params:
     x0, alpha_prime, beta_prime = params() if callable(params) else params
     if alpha_prime.shape[-1:] != (1,) or beta_prime.shape[-1:] != (1,):
@@ -101,11 +110,7 @@ class ConditionedRadial(LadjCacheMixin):
         """Return ``(y, log|det dy/dx|)`` in one pass."""
         x0, alpha_prime, beta_prime = _unpack_radial(self._params)
         check_event(x, x0.shape[-1])
-        alpha, beta, s = radial_ab(alpha_prime, beta_prime)
-        diff = x - x0
-        r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-        y = x + (beta / (alpha + r)) * diff
-        return y, radial_log_det(r, alpha, s, x0.shape[-1]).squeeze(-1)
+        return radial_call(x, x0, alpha_prime, beta_prime)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         x0, alpha_prime, beta_prime = _unpack_radial(self._params)
@@ -235,6 +240,9 @@ def stacked_radial_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     if use_fused(x, theta):
         return radial_stack(x, theta)
     D = x.shape[-1]
+    if theta.shape[-2] == 1:  # one layer: as cheap as the single-layer class
+        x0, alpha_prime, beta_prime = theta.squeeze(-2).split([D, 1, 1], -1)
+        return radial_call(x, x0, alpha_prime, beta_prime)
     return stacked_radial(x, theta[..., :D], theta[..., D : D + 1], theta[..., D + 1 :])
 
 
