@@ -16,6 +16,7 @@ To refresh a notebook after editing it: ``python tutorials/execute.py tutorials/
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import time
 from pathlib import Path
@@ -71,6 +72,8 @@ def test_notebook_runs_short(path, tmp_path):
     copy = tmp_path / path.name
     shutil.copyfile(path, copy)
     t0 = time.perf_counter()
+    # as tests/conftest.py does for this process: one intra-op thread for small tensors
+    threads = os.environ.get("PYRO_NFVI_TEST_THREADS", "1")
     execute.execute_notebook(copy, short=True, timeout=SHORT_CELL_TIMEOUT, cwd=tmp_path,
-                             write=False)
+                             write=False, extra_env={"OMP_NUM_THREADS": threads})
     print(f"{path.name}: {time.perf_counter() - t0:.1f} s in short mode")

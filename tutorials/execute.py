@@ -90,6 +90,7 @@ def execute_notebook(
     timeout: Optional[int] = 1800,
     cwd=None,
     write: bool = True,
+    extra_env: Optional[Dict[str, str]] = None,
 ) -> nbformat.NotebookNode:
     """Run the notebook at ``path`` top to bottom and return the executed notebook.
 
@@ -98,6 +99,7 @@ def execute_notebook(
     :param timeout: per-cell timeout in seconds (``None``: no limit).
     :param cwd: kernel working directory (default: the notebook's folder).
     :param write: write the outputs and the ``pyro_nfvi`` metadata stamp back to ``path``.
+    :param extra_env: more environment variables for the kernel (e.g. ``OMP_NUM_THREADS``).
     :raises nbclient.exceptions.CellExecutionError: if a cell raises.
     """
     from nbclient import NotebookClient
@@ -106,6 +108,7 @@ def execute_notebook(
     nb = nbformat.read(path, as_version=4)
     env = {k: v for k, v in os.environ.items() if k != SHORT_ENV}
     env["MPLBACKEND"] = "Agg"
+    env.update(extra_env or {})
     if short:
         env[SHORT_ENV] = "1"
     env.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")  # quiet debugpy warning
