@@ -34,7 +34,6 @@ import math
 import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
@@ -124,7 +123,9 @@ def _log_density_and_log_Z(target: Any, log_Z: Optional[float]) -> Tuple[Callabl
 
 
 @torch.no_grad()
-def _density_log_weights(q: Any, log_p: Callable, num_samples: int, batch: int = 20000) -> torch.Tensor:
+def _density_log_weights(
+    q: Any, log_p: Callable, num_samples: int, batch: int = 20000
+) -> torch.Tensor:
     out = []
     remaining = num_samples
     while remaining > 0:

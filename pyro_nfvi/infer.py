@@ -40,7 +40,6 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Union
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.distributions.torch_transform import TransformModule
 from pyro.infer import SVI, Trace_ELBO
 from torch.distributions import Transform
 from torch.distributions.transforms import AffineTransform

@@ -19,7 +19,7 @@ Example::
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from matplotlib.axes import Axes
@@ -144,7 +144,8 @@ def plot_density_grid(
         title = f"{name}: flow density"
         m = metrics[i] if metrics is not None else None
         if m:
-            title += f"\nKL={m.get('kl', float('nan')):.3f}, ESS={100 * m.get('ess', float('nan')):.0f}%"
+            kl, ess = m.get("kl", float("nan")), m.get("ess", float("nan"))
+            title += f"\nKL={kl:.3f}, ESS={100 * ess:.0f}%"
         _imshow(axes[i, 1], q_dens, box, title)
         axes[i, 1].images[0].set_clim(0.0, vmax)
         z = q.sample((num_samples,)).detach().double()

@@ -200,7 +200,9 @@ class Target:
         """Normalised log density ``log p̃(z) − log Z``."""
         return self.log_prob_unnormalized(z) - self.log_Z
 
-    def compute_log_Z(self, n: int = LOG_Z_GRID, half_width: float = INTEGRATION_HALF_WIDTH) -> float:
+    def compute_log_Z(
+        self, n: int = LOG_Z_GRID, half_width: float = INTEGRATION_HALF_WIDTH
+    ) -> float:
         """log Z by Simpson integration on an ``n × n`` float64 grid (not cached)."""
         return grid_log_Z(self.log_prob_unnormalized, n=n, half_width=half_width)
 

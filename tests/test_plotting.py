@@ -7,7 +7,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from pyro_nfvi.plotting import density_on_grid, plot_density, plot_density_grid, plot_loss  # noqa: E402
+from pyro_nfvi.plotting import (  # noqa: E402
+    density_on_grid,
+    plot_density,
+    plot_density_grid,
+    plot_loss,
+)
 from pyro_nfvi.targets import get_target  # noqa: E402
 
 
