@@ -153,8 +153,17 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         # under ``python -m`` this file runs as ``__main__``, which spawned workers cannot
         # import by that name: hand them the function of the importable module instead
         worker = importlib.import_module("pyro_nfvi.__main__")._fit_one
+        from concurrent.futures import as_completed
+
         with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
-            results = list(pool.map(worker, jobs))
+            futures = {pool.submit(worker, job): i for i, job in enumerate(jobs)}
+            results = [None] * len(jobs)
+            for fut in as_completed(futures):
+                r = fut.result()
+                results[futures[fut]] = r
+                m = r["metrics"]
+                print(f"  {m['target']} done: KL = {m['kl']:.4f} ({m['seconds']:.0f} s)",
+                      flush=True)
     torch.set_num_threads(args.threads)
     rows = [r["metrics"] for r in results]
     header = (f"{'target':<7}{'flow':<8}{'K':>4}  {'KL (nats) ± se':>18}  {'ESS %':>6}"
