@@ -163,3 +163,18 @@ def test_fit_density_raises_on_nan():
     from pyro.distributions.transforms import Planar
     with pytest.raises(FloatingPointError, match="step 0"):
         fit_density(Planar(2), lambda z: z.sum(-1) * float("nan"), num_steps=5, progress=False)
+
+
+@pytest.mark.slow
+def test_annealing_keeps_u1_bimodal():
+    from pyro_nfvi.targets import get_target
+
+    t = get_target("U1")
+    kls = {}
+    for anneal in (0, None):
+        torch.manual_seed(0)
+        res = fit_density(_planar(32), t, num_steps=4000, anneal_steps=anneal,
+                          progress=False, seed=0)
+        kls[anneal] = kl_divergence(res.q, t, 20000, seed=0)[0]
+    assert abs(kls[0] - math.log(2)) < 0.05  # collapsed onto one of the two modes
+    assert kls[None] < 0.05
