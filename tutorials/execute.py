@@ -32,6 +32,7 @@ import argparse
 import hashlib
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -122,7 +123,14 @@ def execute_notebook(
             kernel_name="python3",
             resources={"metadata": {"path": str(Path(cwd) if cwd else path.parent.resolve())}},
         )
-        client.execute()
+        try:
+            client.execute()
+        except BaseException:
+            # keep what ran, for debugging, outside the repository (and never stamped)
+            failed = Path(tempfile.gettempdir()) / (path.stem + ".failed.ipynb")
+            nbformat.write(nb, failed)
+            print(f"partially executed notebook written to {failed}", file=sys.stderr)
+            raise
     finally:
         if saved is not None:
             os.environ[SHORT_ENV] = saved
