@@ -81,6 +81,8 @@ class AmortizedFlow(nn.Module):
     ``hidden_dims`` hidden ReLU layers; the default ``hidden_dims=()`` is a linear head on
     the context, as in the paper, where the inference network's last layer emits all
     parameters (put the feature extraction in the encoder that computes the context).
+    The outputs that parameterise the flow layers start at a tenth of PyTorch's default
+    initialisation, so that at step 0 each layer is a mild, nearly linear map.
 
     ``forward(context)`` returns a distribution with ``batch_shape = context.shape[:-1]``
     and ``event_shape = (latent_dim,)`` (the event dim is the latent dim, so use it in a
@@ -163,6 +165,9 @@ class AmortizedFlow(nn.Module):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], sum(self.param_dims)))
         self.net = nn.Sequential(*layers)
+        with torch.no_grad():  # flow parameters start small: mild layers at step 0
+            layers[-1].weight[2 * D :] *= 0.1
+            layers[-1].bias[2 * D :] *= 0.1
 
     def extra_repr(self) -> str:
         return (
