@@ -262,6 +262,12 @@ class AutoAmortizedFlow(AutoGuide):
       ``create_plates`` returning the same ``pyro.plate(..., subsample=idx)`` for the
       guide (as for any Pyro autoguide).
 
+    Parameters (the encoder's, the amortized head's, the global guide's) are created on
+    the first call, as for every Pyro autoguide: call ``guide(*args, **kwargs)`` once
+    before ``load_state_dict``. After training, ``guide.posterior(guide.encoder(rows))``
+    is the amortized posterior (an :class:`AmortizedFlow` distribution over the packed
+    unconstrained local latents, one per row) of any data rows, seen or not.
+
     Example::
 
         >>> import torch, pyro, pyro.distributions as dist
