@@ -316,3 +316,25 @@ def test_autoguide_errors():
     for _ in range(2):
         with pytest.raises(ValueError, match="local site 'w'"):
             g(x)
+
+
+def test_create_plates_with_user_chosen_subsample():
+    """The model picks its own minibatch (``subsample=idx``): the guide's plate comes from
+    ``create_plates`` with the same indices, and the encoder sees those rows."""
+    x = torch.randn(30, 3)
+    idx = torch.tensor([3, 17, 5, 29])
+
+    def model(x, idx):
+        with pyro.plate("data", x.shape[0], subsample=idx):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+            pyro.sample("x", dist.Normal(z.sum(-1, keepdim=True), 1.0).to_event(1), obs=x[idx])
+
+    encoder = _Recorder(3, 5)
+    guide = AutoAmortizedFlow(
+        model, plate="data", local_sites="z", encoder=encoder, data_fn=lambda x, idx: x,
+        create_plates=lambda x, idx: pyro.plate("data", x.shape[0], subsample=idx),
+    )
+    tr = poutine.trace(guide).get_trace(x, idx)
+    assert torch.equal(encoder.seen[-1], x[idx])
+    assert tr.nodes["z"]["value"].shape == (4, 2)
+    assert math.isfinite(Trace_ELBO().loss(model, guide, x, idx))
