@@ -110,7 +110,7 @@ def test_correlated_gaussian_full_rank_recovers_covariance():
         pyro.sample("x", dist.MultivariateNormal(loc, cov))
 
     guide = AutoPlanarFlow(model, num_flows=2, full_rank=True)
-    _train(model, guide, 600, lr=0.1, particles=8, decay=0.01)
+    _train(model, guide, 600, lr=0.1, particles=32, decay=0.01)
     with torch.no_grad():
         z = guide.get_posterior().sample((20000,))
     emp_cov = torch.cov(z.T)

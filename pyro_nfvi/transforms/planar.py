@@ -392,16 +392,20 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
     def reset_parameters(self, near_identity: bool = False) -> None:
         """Pyro's initialisation (``u, w ~ U(±1/√D)``, ``b = 0``), or with
         ``near_identity=True`` each layer starts within ~0.01 of the identity map
-        (``u`` set so that ``û ≈ 0``), as a guide wants at step 0."""
+        (random unit ``w``, ``u`` set so that ``û ≈ 0``), as a guide wants at step 0."""
         bound = 1.0 / math.sqrt(self.input_dim)
         with torch.no_grad():
             self.theta.uniform_(-bound, bound)
             self.bias.zero_()
             if near_identity:
-                w = self.w
-                # softplus(w.u) - 1 - w.u = 0 at w.u = log(e - 1): then û = u
-                u0 = math.log(math.e - 1) * w / (w * w).sum(-1, keepdim=True)
-                self.u.copy_(u0 + 0.01 * bound * torch.randn_like(u0))
+                # Unit-norm w: û depends on w through w/‖w‖², so a short w would make
+                # û hypersensitive to w (an Adam step on w would move û by O(1)).
+                w = torch.randn_like(self.w)
+                w = w / w.norm(dim=-1, keepdim=True)
+                self.w.copy_(w)
+                # softplus(w.u) - 1 - w.u = 0 at w.u = log(e - 1), so u = log(e-1) w
+                # gives û = 0; a little noise breaks the symmetry between layers.
+                self.u.copy_(math.log(math.e - 1) * w + 0.01 * torch.randn_like(w))
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"
