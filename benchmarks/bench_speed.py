@@ -10,7 +10,7 @@ Part 2: one SVI step (Trace_ELBO, 1 particle, Adam) on a 2-D model for
 ``AutoNormalizingFlow(partial(iterated, 32, planar))`` and ``AutoNormal``.
 
 Timings interleave the contenders in rounds and report the median, so background load
-hits them alike.
+hits them alike. Both sides run with the same number of torch threads (default 1).
 
 Usage::
 
@@ -171,12 +171,17 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="only K=32, B=256, D=2")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile path")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (default 1: these ops are tiny, and a second thread "
+        "only adds OpenMP wake-ups, which stall badly when another process holds a core)",
+    )
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--skip-svi", action="store_true")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.quick:
         grid = [(32, 256, 2)]
