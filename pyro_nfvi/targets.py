@@ -62,7 +62,7 @@ def _w3(z1: torch.Tensor) -> torch.Tensor:
 
 def U1(z: torch.Tensor) -> torch.Tensor:
     """Energy U1 (ring with two lobes), without the wall."""
-    z1, z2 = z[..., 0], z[..., 1]
+    z1 = z[..., 0]
     r = torch.linalg.vector_norm(z, dim=-1)
     a = -0.5 * ((z1 - 2.0) / 0.6) ** 2
     b = -0.5 * ((z1 + 2.0) / 0.6) ** 2

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from functools import partial
+
+from typing import Any, Callable, Optional, Tuple
 
 import torch
-from torch.distributions import Transform
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch.distributions import Transform, constraints
 
 
 def check_input_dim(input_dim, name: str = "input_dim") -> int:
@@ -107,3 +110,41 @@ class LadjCacheMixin(Transform):
         if cached is not None and cached[0] is x and cached[1] is y:
             return cached[2]
         return self.call_and_ladj(x)[1]
+
+
+class ConditionedFlow(LadjCacheMixin):
+    """Base of the ``Conditioned*`` flows: a bijection of ``real_vector`` whose parameters
+    are a tuple, or a callable returning one (re-read on every call)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, params: Any, cache_size: int = 1):
+        super().__init__(cache_size=cache_size)
+        self._params = params
+
+
+class ConditionalFlow(ConditionalTransformModule):
+    """Base of the ``Conditional*`` flows: ``condition(context)`` checks the context
+    against the hypernetwork's input size and returns a ``Conditioned*`` flow that reads
+    the hypernetwork lazily (so it stays valid across optimiser steps, as in Pyro)."""
+
+    domain = constraints.real_vector
+    codomain = constraints.real_vector
+    bijective = True
+
+    def __init__(self, nn: torch.nn.Module):
+        super().__init__()
+        self.nn = nn
+        self.context_dim = nn_context_dim(nn)
+
+    def _conditioned(self, params: Callable[[], Any]) -> Transform:
+        raise NotImplementedError
+
+    def _params(self, context: torch.Tensor):
+        return self.nn(context)
+
+    def condition(self, context: torch.Tensor) -> Transform:
+        check_context(context, self.context_dim)
+        return self._conditioned(partial(self._params, context))

@@ -25,26 +25,21 @@ step taken with the solution detached, which is the implicit-function-theorem de
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Tuple, Union
+from typing import Tuple
 
 import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
-from torch.distributions import constraints
 
 from ._fused import planar_stack, run_compiled, use_fused
 from ._math import planar_log_det, planar_u_hat
 from ._base import (
-    LadjCacheMixin,
-    check_context,
+    ConditionalFlow,
+    ConditionedFlow,
     check_event,
     check_input_dim,
-    nn_context_dim,
 )
 
 __all__ = [
@@ -125,7 +120,7 @@ def _unpack_planar(params) -> Params:
     return bias, u, w
 
 
-class ConditionedPlanar(LadjCacheMixin):
+class ConditionedPlanar(ConditionedFlow):
     r"""A planar transform with given parameters ``(bias, u, w)`` (or a callable
     returning them), with an exact inverse of any point.
 
@@ -135,14 +130,6 @@ class ConditionedPlanar(LadjCacheMixin):
     :param params: a tuple ``(bias, u, w)`` of shapes ``(..., 1), (..., D), (..., D)``
         or a callable returning one.
     """
-
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
-    def __init__(self, params: Union[Params, Callable[[], Params]], cache_size: int = 1):
-        super().__init__(cache_size=cache_size)
-        self._params = params
 
     def _planar_params(self):
         bias, u, w = _unpack_planar(self._params)
@@ -216,7 +203,7 @@ class Planar(ConditionedPlanar, TransformModule):
         return f"input_dim={self.input_dim}"
 
 
-class ConditionalPlanar(ConditionalTransformModule):
+class ConditionalPlanar(ConditionalFlow):
     r"""A planar flow whose parameters ``(bias, u, w)`` are produced by a hypernetwork
     from a context: ``ConditionalPlanar(nn).condition(context)`` is a
     :class:`ConditionedPlanar`.
@@ -242,20 +229,8 @@ class ConditionalPlanar(ConditionalTransformModule):
         ``(..., 1), (..., D), (..., D)`` (e.g. ``DenseNN(M, hidden, param_dims=[1, D, D])``).
     """
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
-    def __init__(self, nn: torch.nn.Module):
-        super().__init__()
-        self.nn = nn
-        self.context_dim = nn_context_dim(nn)
-
-    def condition(self, context: torch.Tensor) -> ConditionedPlanar:
-        check_context(context, self.context_dim)
-        # Lazy, as in Pyro: the conditioned transform re-reads the hypernetwork, so it
-        # stays valid across optimiser steps.
-        return ConditionedPlanar(partial(self.nn, context))
+    def _conditioned(self, params) -> ConditionedPlanar:
+        return ConditionedPlanar(params)
 
 
 def _unpack_stacked_planar(params) -> Params:
@@ -296,20 +271,12 @@ def stacked_planar_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     return stacked_planar(x, theta[..., 2 * D :], theta[..., :D], theta[..., D : 2 * D])
 
 
-class ConditionedStackedPlanar(LadjCacheMixin):
+class ConditionedStackedPlanar(ConditionedFlow):
     r"""``K`` planar layers applied in order, with parameters stacked along a layer
     dimension: ``(bias (..., K, 1), u (..., K, D), w (..., K, D))`` or a callable
     returning them. Same map as composing ``K`` :class:`ConditionedPlanar`, one module,
     fewer ops. The inverse inverts layer by layer, each exactly.
     """
-
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
-    def __init__(self, params: Union[Params, Callable[[], Params]], cache_size: int = 1):
-        super().__init__(cache_size=cache_size)
-        self._params = params
 
     def _planar_params(self):
         bias, u, w = _unpack_stacked_planar(self._params)
@@ -411,7 +378,7 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
         return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"
 
 
-class ConditionalStackedPlanar(ConditionalTransformModule):
+class ConditionalStackedPlanar(ConditionalFlow):
     r"""``K`` conditional planar layers whose parameters all come from ONE hypernetwork
     call. ``nn`` maps a context ``(..., M)`` to a tuple of shapes
     ``(..., K), (..., K*D), (..., K*D)`` (e.g. ``DenseNN(M, hidden, param_dims=[K, K*D,
@@ -430,15 +397,9 @@ class ConditionalStackedPlanar(ConditionalTransformModule):
     :param input_dim: dimension ``D`` of the flow.
     """
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
     def __init__(self, nn: torch.nn.Module, input_dim: int):
-        super().__init__()
-        self.nn = nn
+        super().__init__(nn)
         self.input_dim = check_input_dim(input_dim)
-        self.context_dim = nn_context_dim(nn)
 
     def _params(self, context: torch.Tensor) -> Params:
         bias, u, w = self.nn(context)
@@ -451,6 +412,5 @@ class ConditionalStackedPlanar(ConditionalTransformModule):
         K = bias.shape[-1]
         return bias.unsqueeze(-1), u.unflatten(-1, (K, D)), w.unflatten(-1, (K, D))
 
-    def condition(self, context: torch.Tensor) -> ConditionedStackedPlanar:
-        check_context(context, self.context_dim)
-        return ConditionedStackedPlanar(partial(self._params, context))
+    def _conditioned(self, params) -> ConditionedStackedPlanar:
+        return ConditionedStackedPlanar(params)

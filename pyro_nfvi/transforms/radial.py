@@ -24,24 +24,19 @@ in the cancellation-free form, and :math:`x = x_0 + (y - x_0)(\alpha + r)/(s + r
 from __future__ import annotations
 
 import math
-from functools import partial
-from typing import Callable, Tuple, Union
+from typing import Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from pyro.distributions.conditional import ConditionalTransformModule
 from pyro.distributions.torch_transform import TransformModule
-from torch.distributions import constraints
 
 from ._fused import radial_stack, run_compiled, use_fused
-from ._math import _log_pos, radial_ab, radial_log_det
+from ._math import radial_ab, radial_log_det
 from ._base import (
-    LadjCacheMixin,
-    check_context,
+    ConditionalFlow,
+    ConditionedFlow,
     check_event,
     check_input_dim,
-    nn_context_dim,
 )
 
 __all__ = [
@@ -87,7 +82,7 @@ def _unpack_radial(params) -> Params:
     return x0, alpha_prime, beta_prime
 
 
-class ConditionedRadial(LadjCacheMixin):
+class ConditionedRadial(ConditionedFlow):
     r"""A radial transform with given parameters ``(x0, alpha_prime, beta_prime)`` (or
     a callable returning them), with a closed-form inverse of any point.
 
@@ -97,14 +92,6 @@ class ConditionedRadial(LadjCacheMixin):
     :param params: a tuple ``(x0, alpha_prime, beta_prime)`` of shapes
         ``(..., D), (..., 1), (..., 1)`` or a callable returning one.
     """
-
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
-    def __init__(self, params: Union[Params, Callable[[], Params]], cache_size: int = 1):
-        super().__init__(cache_size=cache_size)
-        self._params = params
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
@@ -172,7 +159,7 @@ class Radial(ConditionedRadial, TransformModule):
         return f"input_dim={self.input_dim}"
 
 
-class ConditionalRadial(ConditionalTransformModule):
+class ConditionalRadial(ConditionalFlow):
     r"""A radial flow whose parameters ``(x0, alpha_prime, beta_prime)`` come from a
     hypernetwork: ``ConditionalRadial(nn).condition(context)`` is a
     :class:`ConditionedRadial`. Context batch rows map to input batch rows.
@@ -192,18 +179,8 @@ class ConditionalRadial(ConditionalTransformModule):
         ``(..., D), (..., 1), (..., 1)`` (e.g. ``DenseNN(M, hidden, param_dims=[D, 1, 1])``).
     """
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
-    def __init__(self, nn: torch.nn.Module):
-        super().__init__()
-        self.nn = nn
-        self.context_dim = nn_context_dim(nn)
-
-    def condition(self, context: torch.Tensor) -> ConditionedRadial:
-        check_context(context, self.context_dim)
-        return ConditionedRadial(partial(self.nn, context))
+    def _conditioned(self, params) -> ConditionedRadial:
+        return ConditionedRadial(params)
 
 
 def _unpack_stacked_radial(params) -> Params:
@@ -246,19 +223,11 @@ def stacked_radial_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     return stacked_radial(x, theta[..., :D], theta[..., D : D + 1], theta[..., D + 1 :])
 
 
-class ConditionedStackedRadial(LadjCacheMixin):
+class ConditionedStackedRadial(ConditionedFlow):
     r"""``K`` radial layers applied in order, with parameters stacked along a layer
     dimension: ``(x0 (..., K, D), alpha_prime (..., K, 1), beta_prime (..., K, 1))`` or a
     callable returning them. Same map as composing ``K`` :class:`ConditionedRadial`.
     """
-
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
-    def __init__(self, params: Union[Params, Callable[[], Params]], cache_size: int = 1):
-        super().__init__(cache_size=cache_size)
-        self._params = params
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
@@ -341,7 +310,7 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
         return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"
 
 
-class ConditionalStackedRadial(ConditionalTransformModule):
+class ConditionalStackedRadial(ConditionalFlow):
     r"""``K`` conditional radial layers whose parameters come from ONE hypernetwork call.
     ``nn`` maps a context ``(..., M)`` to a tuple of shapes ``(..., K*D), (..., K),
     (..., K)`` (e.g. ``DenseNN(M, hidden, param_dims=[K*D, K, K])``).
@@ -359,15 +328,9 @@ class ConditionalStackedRadial(ConditionalTransformModule):
     :param input_dim: dimension ``D`` of the flow.
     """
 
-    domain = constraints.real_vector
-    codomain = constraints.real_vector
-    bijective = True
-
     def __init__(self, nn: torch.nn.Module, input_dim: int):
-        super().__init__()
-        self.nn = nn
+        super().__init__(nn)
         self.input_dim = check_input_dim(input_dim)
-        self.context_dim = nn_context_dim(nn)
 
     def _params(self, context: torch.Tensor) -> Params:
         x0, alpha_prime, beta_prime = self.nn(context)
@@ -380,6 +343,5 @@ class ConditionalStackedRadial(ConditionalTransformModule):
             )
         return x0.unflatten(-1, (K, D)), alpha_prime.unsqueeze(-1), beta_prime.unsqueeze(-1)
 
-    def condition(self, context: torch.Tensor) -> ConditionedStackedRadial:
-        check_context(context, self.context_dim)
-        return ConditionedStackedRadial(partial(self._params, context))
+    def _conditioned(self, params) -> ConditionedStackedRadial:
+        return ConditionedStackedRadial(params)
