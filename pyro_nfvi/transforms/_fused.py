@@ -130,21 +130,24 @@ class _RadialStack(torch.autograd.Function):
         g_s_ld = gl * ((D - 1) * inv_sr + al * inv_q)
         inv_r = 1 / r.clamp_min(torch.finfo(r.dtype).tiny)  # r = 0 implies d = 0
         gdots = torch.empty_like(r)
-        gds = torch.empty_like(diffs)  # gradient w.r.t. each layer's x - x0
-        d_, gd_, gdot_ = diffs.unbind(0), gds.unbind(0), gdots.unbind(0)
-        gr_, phi_, dphi_, inv_r_ = g_r_ld.unbind(0), phi.unsqueeze(2).unbind(0), dphi.unbind(0), inv_r.unbind(0)
+        g_x0 = torch.empty_like(alpha.unsqueeze(1).expand(K, D)).contiguous()
+        d_, gdot_, gx0_ = diffs.unbind(0), gdots.unbind(0), g_x0.unbind(0)
+        gr_, phi_, dphi_, inv_r_ = g_r_ld.unbind(0), phi.unbind(0), dphi.unbind(0), inv_r.unbind(0)
+        onep_ = (1 + phi).unsqueeze(2).unbind(0)
         g = gy
         for k in reversed(range(K)):
-            torch.linalg.vecdot(g, d_[k], out=gdot_[k])
-            # y = x + phi(r) d: dL/dd = phi g + (phi'(r) (g.d) + dL/dr) d / r
+            d = d_[k]
+            torch.linalg.vecdot(g, d, out=gdot_[k])
+            # y = x + phi(r) d: dL/dd = phi g + coef d, coef = (phi'(r) (g.d) + dL/dr) / r;
+            # dL/dx = g + dL/dd and dL/dx0 = -sum_n dL/dd (two matvecs, nothing stored)
             coef = torch.addcmul(gr_[k], dphi_[k], gdot_[k]).mul_(inv_r_[k])
-            torch.addcmul(g * phi_[k], d_[k], coef.unsqueeze(1), out=gd_[k])
-            g = g + gd_[k]
+            torch.mv(g.t(), phi_[k], out=gx0_[k]).addmv_(d.t(), coef)
+            g = torch.addcmul(g * onep_[k], d, coef.unsqueeze(1))
         g_beta = (gdots * inv_a).sum(1)
         g_alpha = (gdots * dphi).sum(1) + g_alpha_ld.sum(1) - g_beta  # beta = s - alpha
         g_s = g_s_ld.sum(1) + g_beta
         g_ab = torch.stack([g_alpha * torch.sigmoid(alpha_prime), g_s * torch.sigmoid(beta_prime)], 1)
-        return g, torch.cat([-gds.sum(1), g_ab], 1)
+        return g, torch.cat([g_x0.neg_(), g_ab], 1)
 
 
 def use_fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
