@@ -43,7 +43,11 @@ import torch
 from pyro.infer import SVI, Trace_ELBO
 from torch.distributions import Transform
 from torch.distributions.transforms import AffineTransform
-from tqdm.auto import tqdm
+try:  # notebook widget bars need ipywidgets; without it tqdm.auto only warns
+    import ipywidgets  # noqa: F401
+    from tqdm.auto import tqdm
+except ImportError:
+    from tqdm import tqdm
 
 __all__ = ["fit", "fit_density", "DensityFit", "AffineBase"]
 
