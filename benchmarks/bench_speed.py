@@ -94,6 +94,9 @@ def bench_flows(grid, use_compile: bool, rounds: int):
             }
             warm = float("nan")
             if use_compile:
+                # a fresh compile per configuration: torch.compile recompiles for every
+                # new parameter shape and gives up (runs eager) after its recompile limit
+                torch._dynamo.reset()
                 steps["compiled"] = reverse_kl_step(ours(D, K, compile=True), D, B)
                 t0 = time.perf_counter()
                 steps["compiled"]()
@@ -155,6 +158,7 @@ def bench_svi(use_compile: bool, rounds: int):
     )
     steps["ours AutoPlanarFlow(32)"] = svi_step(AutoPlanarFlow(svi_model, num_flows=32))
     if use_compile:
+        torch._dynamo.reset()
         steps["ours AutoPlanarFlow(32, compile)"] = svi_step(
             AutoPlanarFlow(svi_model, num_flows=32, compile=True)
         )

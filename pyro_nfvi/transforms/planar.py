@@ -318,8 +318,11 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
     forward through ``torch.compile`` instead, which fuses the layer loop: for K = 32,
     batch 256, D = 2 a training step is ~1.5x faster again, at a one-off warm-up of
     roughly 20-60 s on a 2-core CPU (and again for each new batch shape, until
-    ``torch.compile`` marks the shape dynamic). Where compilation is unavailable it
-    warns once and falls back to the eager path.
+    ``torch.compile`` marks the shape dynamic). It pays at small batches (B = 256); at
+    B = 4096 the eager path is as fast or faster (``benchmarks/bench_speed.py``). Each new
+    parameter shape (K, D) compiles anew, and past torch's recompile limit (8) torch runs
+    the function eagerly. Where compilation is unavailable it warns once and falls back
+    to the eager path.
 
     :param input_dim: dimension ``D``.
     :param num_flows: number of layers ``K``.
