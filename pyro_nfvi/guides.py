@@ -286,8 +286,14 @@ class AutoNormalizingFlow(AutoContinuous):
     # -------------------------------------------------------- distributions
     def get_base_dist(self) -> dist.TorchDistribution:
         """The base distribution :math:`\\mathcal{N}(0, I_D)` (event dim 1)."""
-        zeros = torch.zeros_like(self.loc)
-        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+        loc = self.loc
+        key = (loc.shape, loc.dtype, loc.device)
+        cached = getattr(self, "_base_dist_cache", None)
+        if cached is None or cached[0] != key:  # built once: it has no parameters
+            zeros = torch.zeros(loc.shape, dtype=loc.dtype, device=loc.device)
+            cached = (key, dist.Normal(zeros, torch.ones_like(zeros)).to_event(1))
+            self._base_dist_cache = cached
+        return cached[1]
 
     def _affine(self) -> Transform:
         if self.full_rank:
