@@ -25,14 +25,6 @@ from pyro_nfvi.guides import AutoNormalizingFlow, AutoPlanarFlow, AutoRadialFlow
 from pyro_nfvi.helpers import planar_flow, radial_flow
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
-
-
 # ----------------------------------------------------------------- models
 PRIOR_LOC, PRIOR_SCALE, OBS_SCALE = 0.0, 2.0, 1.0
 
