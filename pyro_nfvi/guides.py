@@ -8,13 +8,16 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import math
 import numbers
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform, Transform
+from torch.distributions.utils import _standard_normal
 
 import pyro.distributions as dist
 from pyro.distributions import constraints
@@ -51,14 +54,33 @@ class _FlowPosterior(dist.TransformedDistribution):
     ``log_prob`` of any other value goes through the transforms' inverses.
     """
 
+    def with_transforms(self, transforms) -> "_FlowPosterior":
+        """A copy with new transforms of the same shapes: skips the shape checks of
+        ``__init__`` (a guide calls this every step; only the parameters change)."""
+        new = copy.copy(self)
+        new.transforms = transforms
+        new.__dict__.pop("_nfvi_last", None)
+        return new
+
     def rsample(self, sample_shape=torch.Size()):
-        x = self.base_dist.rsample(sample_shape)
-        log_q = self.base_dist.log_prob(x)
+        base = self.base_dist
+        if getattr(self, "_standard_base", False):
+            # N(0, I) in closed form: the same draws as base.rsample, fewer ops
+            shape = torch.Size(sample_shape) + base.event_shape
+            x = _standard_normal(shape, dtype=self._dtype, device=self._device)
+            log_q = -0.5 * (x * x).sum(-1) - _HALF_LOG_2PI * x.shape[-1]
+        else:
+            x = base.rsample(sample_shape)
+            log_q = base.log_prob(x)
         event_dim = len(self.event_shape)
         for outer in self.transforms:
             for t in _flatten_transform(outer):
-                y = t(x)
-                ladj = t.log_abs_det_jacobian(x, y)
+                call_and_ladj = getattr(t, "call_and_ladj", None)
+                if call_and_ladj is not None:  # this package's flows: one pass
+                    y, ladj = call_and_ladj(x)
+                else:
+                    y = t(x)
+                    ladj = t.log_abs_det_jacobian(x, y)
                 log_q = log_q - sum_rightmost(ladj, event_dim - t.codomain.event_dim)
                 x = y
         self._nfvi_last = (x, log_q)
@@ -74,6 +96,9 @@ class _FlowPosterior(dist.TransformedDistribution):
         if last is not None and value is last[0]:
             return last[1]
         return super().log_prob(value)
+
+
+_HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
 
 def _hide_from_prototype(msg) -> bool:
@@ -319,7 +344,16 @@ class AutoNormalizingFlow(AutoContinuous):
         value provided the flow implements its inverse.
         """
         self._check_setup(*args, **kwargs)
-        return _FlowPosterior(self.get_base_dist(), [self.transform, self._affine()])
+        transforms = [self.transform, self._affine()]
+        base = self.get_base_dist()
+        cached = getattr(self, "_posterior_template", None)
+        if cached is None or cached.base_dist is not base:
+            cached = _FlowPosterior(base, transforms)
+            cached.transforms = []  # holds no parameters: each call supplies its own
+            cached._standard_base = True
+            cached._dtype, cached._device = self.loc.dtype, self.loc.device
+            self._posterior_template = cached
+        return cached.with_transforms(transforms)
 
     # ------------------------------------------------------ summaries
     @torch.no_grad()
