@@ -37,7 +37,9 @@ def _namespace(*tensors: torch.Tensor):
     """``(xp, arrays)``: NumPy views of CPU float32/float64 tensors, else torch."""
     t = tensors[0]
     if USE_NUMPY and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
-        return np, [a.detach().numpy() for a in tensors]
+        # contiguous: autograd's grads are often broadcast (stride 0), which sends NumPy's
+        # matmul down a slow non-BLAS path
+        return np, [np.ascontiguousarray(a.detach().numpy()) for a in tensors]
     return torch, list(tensors)
 
 
@@ -51,6 +53,15 @@ def _zeros(xp, shape, like):
 
 def _contiguous_copy(xp, a):
     return np.array(a, order="C") if xp is np else a.clone(memory_format=torch.contiguous_format)
+
+
+def _as_contiguous(xp, a):
+    return np.ascontiguousarray(a) if xp is np else a.contiguous()
+
+
+def _copy_as(xp, a):
+    """A copy with the same memory layout."""
+    return a.copy(order="K") if xp is np else a.clone()
 
 
 def _max(xp, a, v: float):
@@ -167,26 +178,40 @@ def _radial_log_det(xp, r, alpha, s, D):
     return ld
 
 
+# Below this dimension the radial kernel works on contiguous copies of x^T (D, N);
+# from it on, on transposed views of (N, D) memory (no copies).
+_RADIAL_COPY_BELOW_D = 16
+
+
+def _feature_major(xp, a):
+    """``a (N, D)`` as ``(D, N)``: a contiguous copy for small D (NumPy is several times
+    slower broadcasting or reducing along a short inner axis), else a view."""
+    return _contiguous_copy(xp, a.T) if a.shape[1] < _RADIAL_COPY_BELOW_D else _copy_as(xp, a).T
+
+
 def _radial_forward(xp, x, th):
     """``x (N, D)``, ``th = [x0 | α' | β'] (K, D+2)`` -> ``y, ladj`` and what backward needs.
 
-    Works on ``x^T`` of shape ``(D, N)``: every op then runs along contiguous rows of
-    length N (NumPy is several times slower on ``(N, 2)`` arrays, broadcasting or
-    reducing along the short axis).
+    Works feature-major, on ``x^T (D, N)`` (see :func:`_feature_major`), with fused
+    dot products: per layer one pass over ``x`` for ``d = x - x0``, one for ``r = |d|``
+    and two for ``x += h(r) d``.
     """
     N, D, K = x.shape[0], x.shape[1], th.shape[0]
     x0 = th[:, :D, None]  # (K, D, 1)
     alpha, beta, s, dsa, ds = _radial_params(xp, th, D)
-    diffs = _zeros(xp, (K, D, N), x)
+    xt = _feature_major(xp, x)  # (D, N), updated in place
+    if D < _RADIAL_COPY_BELOW_D:  # same layout as xt
+        diffs = _zeros(xp, (K, D, N), x)
+    else:
+        diffs = _zeros(xp, (K, N, D), x).swapaxes(1, 2)
     r = _zeros(xp, (K, N), x)
-    xt = _contiguous_copy(xp, x.T)  # (D, N), updated in place
     for k in range(K):
         d = diffs[k]
         xp.subtract(xt, x0[k], out=d)
-        xp.sqrt((d * d).sum(0), out=r[k])
+        xp.sqrt(xp.einsum("dn,dn->n", d, d), out=r[k])
         xt += d * (beta[k] / (alpha[k] + r[k]))
     ladj = _radial_log_det(xp, r, alpha[:, None], s[:, None], D).sum(0)
-    return _contiguous_copy(xp, xt.T), ladj, (diffs, r, alpha, beta, s, dsa, ds)
+    return _as_contiguous(xp, xt.T), ladj, (diffs, r, alpha, beta, s, dsa, ds)
 
 
 def _radial_backward(xp, x, th, saved, gy, gl):
@@ -207,23 +232,22 @@ def _radial_backward(xp, x, th, saved, gy, gl):
     # y = x + phi(r) d: dL/dd = phi g + coef d, with coef = (phi'(r) (g·d) + dL/dr) / r
     # = c0 + c1 (g·d); dL/dx = g + dL/dd and dL/dx0 = -Σ_n dL/dd
     inv_r = 1 / _max(xp, r, xp.finfo(r.dtype).tiny)  # r = 0 implies d = 0
-    c0, c1 = g_r_ld * inv_r, dphi * inv_r
+    c0, c1, one_phi = g_r_ld * inv_r, dphi * inv_r, 1 + phi
     gdots = xp.zeros_like(r)
-    g_d = xp.zeros_like(diffs)  # (K, D, N)
-    gt = _contiguous_copy(xp, gy.T)  # (D, N), updated in place
+    g_th = xp.zeros_like(th)
+    gt = _feature_major(xp, gy)  # (D, N), updated in place
     for k in reversed(range(K)):
         d = diffs[k]
-        gdots[k] = (gt * d).sum(0)
-        xp.multiply(gt, phi[k], out=g_d[k])
-        g_d[k] += d * (c0[k] + c1[k] * gdots[k])
-        gt += g_d[k]
-    g_th = xp.zeros_like(th)
-    g_th[:, :D] = -g_d.sum(2)
+        gdots[k] = xp.einsum("dn,dn->n", gt, d)
+        coef = c0[k] + c1[k] * gdots[k]
+        g_th[k, :D] = -(gt @ phi[k] + d @ coef)
+        gt *= one_phi[k]
+        gt += d * coef
     g_beta = (gdots * inv_a).sum(1)
     g_alpha = (gdots * dphi).sum(1) + g_alpha_ld.sum(1) - g_beta  # beta = s - alpha
     g_th[:, D] = g_alpha * dsa
     g_th[:, D + 1] = (g_s_ld.sum(1) + g_beta) * ds
-    return _contiguous_copy(xp, gt.T), g_th
+    return _as_contiguous(xp, gt.T), g_th
 
 
 class _PlanarStack(torch.autograd.Function):
@@ -268,12 +292,19 @@ class _RadialStack(torch.autograd.Function):
             return _to_torch(xp, *_radial_backward(xp, xa, tha, ctx.saved, gya, gla))
 
 
+def _functorch_active() -> bool:
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    dual_level = getattr(torch.autograd.forward_ad, "_current_level", -1)  # -1: none open
+    return bool(active is not None and active()) or dual_level >= 0
+
+
 def use_fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """Whether the hand-written stack applies: unbatched params of more than one layer
-    (for one layer the plain ops are as cheap), eager mode, no tracing or compiling."""
+    (for one layer the plain ops are as cheap), eager mode, no tracing or compiling, no
+    ``torch.func`` transform (vmap, jacrev, ...) or forward-mode AD in progress."""
     if any(p.dim() != 2 for p in params) or params[0].shape[0] < 2:
         return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active():
         return False
     return x.dim() >= 1 and x.dtype == params[0].dtype
 
