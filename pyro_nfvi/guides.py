@@ -475,7 +475,7 @@ class AutoPlanarFlow(AutoNormalizingFlow):
     :param callable model: a Pyro model.
     :param int num_flows: number of planar layers (>= 1). Default 16.
     :param bool compile: run the flow's forward pass through ``torch.compile``
-        (faster steps after a warm-up of tens of seconds; see
+        (rarely faster than the default kernel, after a warm-up; see
         :class:`~pyro_nfvi.transforms.StackedPlanar`).
     :param kwargs: keyword arguments of :class:`AutoNormalizingFlow`
         (``init_loc_fn``, ``init_scale``, ``full_rank``, ``create_plates``).

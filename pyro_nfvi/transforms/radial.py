@@ -260,7 +260,11 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
     >>> torch.allclose(flow.inv(flow(x)), x, atol=1e-5)
     True
 
-    Speed and ``compile``: as for :class:`~pyro_nfvi.transforms.StackedPlanar`.
+    **Speed.** As for :class:`~pyro_nfvi.transforms.StackedPlanar`, a hand-written
+    kernel (NumPy on CPU); a radial layer needs ``|x - x0|`` afresh, so each layer costs a
+    few passes over ``x``. For K = 32, batch 256, D = 2 an eager training step is ~7-8x
+    faster than 32 of Pyro's ``Radial``, and ``compile=True`` gains another ~1.2x at small
+    batches (none at batch 4096), after a warm-up (see ``StackedPlanar``).
 
     :param input_dim: dimension ``D``.
     :param num_flows: number of layers ``K``.
