@@ -233,16 +233,25 @@ def _radial_backward(xp, x, th, saved, gy, gl):
     # = c0 + c1 (g·d); dL/dx = g + dL/dd and dL/dx0 = -Σ_n dL/dd
     inv_r = 1 / _max(xp, r, xp.finfo(r.dtype).tiny)  # r = 0 implies d = 0
     c0, c1, one_phi = g_r_ld * inv_r, dphi * inv_r, 1 + phi
-    gdots = xp.zeros_like(r)
+    gdots, coefs = xp.zeros_like(r), xp.zeros_like(r)
     g_th = xp.zeros_like(th)
+    # dL/dx0_k = -(g_k @ phi_k + d_k @ coef_k), g_k the gradient at layer k's output: for
+    # small D keep the g_k and do it in two batched matmuls at the end (fewer calls);
+    # for large D, two matvecs per layer (storing g_k would cost a pass over x each)
+    gs = xp.zeros_like(diffs) if D < _RADIAL_COPY_BELOW_D else None
     gt = _feature_major(xp, gy)  # (D, N), updated in place
     for k in reversed(range(K)):
-        d = diffs[k]
+        d, coef = diffs[k], coefs[k]
         gdots[k] = xp.einsum("dn,dn->n", gt, d)
-        coef = c0[k] + c1[k] * gdots[k]
-        g_th[k, :D] = -(gt @ phi[k] + d @ coef)
+        xp.add(c0[k], c1[k] * gdots[k], out=coef)
+        if gs is None:
+            g_th[k, :D] = -(gt @ phi[k] + d @ coef)
+        else:
+            gs[k] = gt
         gt *= one_phi[k]
         gt += d * coef
+    if gs is not None:
+        g_th[:, :D] = -(gs @ phi[:, :, None] + diffs @ coefs[:, :, None])[:, :, 0]
     g_beta = (gdots * inv_a).sum(1)
     g_alpha = (gdots * dphi).sum(1) + g_alpha_ld.sum(1) - g_beta  # beta = s - alpha
     g_th[:, D] = g_alpha * dsa
@@ -250,46 +259,36 @@ def _radial_backward(xp, x, th, saved, gy, gl):
     return _as_contiguous(xp, gt.T), g_th
 
 
-class _PlanarStack(torch.autograd.Function):
-    """``(x (N, D), theta (K, 2D+1)) -> (y (N, D), ladj (N,))``, ``theta = [u | w | b]``."""
+class _FusedStack(torch.autograd.Function):
+    """``(x (..., D), theta (K, P)) -> (y (..., D), ladj (...))`` through the ``forward`` /
+    ``backward`` kernels given. Batch dims are flattened inside (no autograd view nodes)."""
 
     @staticmethod
-    def forward(ctx, x, theta):
+    def forward(ctx, x, theta, kernels):
         xp, (xa, tha) = _namespace(x, theta)
+        shape = tuple(x.shape)
         with np.errstate(all="ignore"):  # torch does not warn on overflow either
-            y, ladj, saved = _planar_forward(xp, xa, tha)
+            y, ladj, saved = kernels[0](xp, xa.reshape(-1, shape[-1]), tha)
         ctx.save_for_backward(x, theta)
-        ctx.saved = saved
-        return _to_torch(xp, y, ladj)
+        ctx.saved, ctx.kernels, ctx.shape = saved, kernels, shape
+        return _to_torch(xp, y.reshape(shape), ladj.reshape(shape[:-1]))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, gl):
         x, theta = ctx.saved_tensors
         xp, (xa, tha, gya, gla) = _namespace(x, theta, gy, gl)
+        D = ctx.shape[-1]
         with np.errstate(all="ignore"):
-            return _to_torch(xp, *_planar_backward(xp, xa, tha, ctx.saved, gya, gla))
+            g_x, g_th = ctx.kernels[1](
+                xp, xa.reshape(-1, D), tha, ctx.saved, gya.reshape(-1, D), gla.reshape(-1)
+            )
+        g_x, g_th = _to_torch(xp, g_x.reshape(ctx.shape), g_th)
+        return g_x, g_th, None
 
 
-class _RadialStack(torch.autograd.Function):
-    """``(x (N, D), theta (K, D+2)) -> (y (N, D), ladj (N,))``, ``theta = [x0 | α' | β']``."""
-
-    @staticmethod
-    def forward(ctx, x, theta):
-        xp, (xa, tha) = _namespace(x, theta)
-        with np.errstate(all="ignore"):
-            y, ladj, saved = _radial_forward(xp, xa, tha)
-        ctx.save_for_backward(x, theta)
-        ctx.saved = saved
-        return _to_torch(xp, y, ladj)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy, gl):
-        x, theta = ctx.saved_tensors
-        xp, (xa, tha, gya, gla) = _namespace(x, theta, gy, gl)
-        with np.errstate(all="ignore"):
-            return _to_torch(xp, *_radial_backward(xp, xa, tha, ctx.saved, gya, gla))
+_PLANAR = (_planar_forward, _planar_backward)
+_RADIAL = (_radial_forward, _radial_backward)
 
 
 def _functorch_active() -> bool:
@@ -312,17 +311,13 @@ def use_fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
 def planar_stack(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, ladj)`` of K planar layers from packed raw parameters ``theta = [u | w | b]``
     of shape ``(K, 2D+1)``; ``x`` of any batch shape."""
-    shape = x.shape
-    y, ladj = _PlanarStack.apply(x.reshape(-1, shape[-1]), theta)
-    return y.reshape(shape), ladj.reshape(shape[:-1])
+    return _FusedStack.apply(x, theta, _PLANAR)
 
 
 def radial_stack(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, ladj)`` of K radial layers from packed raw parameters
     ``theta = [x0 | alpha' | beta']`` of shape ``(K, D+2)``; ``x`` of any batch shape."""
-    shape = x.shape
-    y, ladj = _RadialStack.apply(x.reshape(-1, shape[-1]), theta)
-    return y.reshape(shape), ladj.reshape(shape[:-1])
+    return _FusedStack.apply(x, theta, _RADIAL)
 
 
 _COMPILED: Dict[Callable, Callable] = {}
