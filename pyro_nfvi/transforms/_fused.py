@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._math import maximum, planar_log_det, planar_u_hat_parts, radial_ab, radial_log_det, softplus_grad
+
 # Set to False to run the kernels in torch on CPU too (the tests compare both).
 USE_NUMPY = True
-
-_SOFTPLUS_THRESHOLD = 20.0  # as torch.nn.functional.softplus
 
 
 def _namespace(*tensors: torch.Tensor):
@@ -62,18 +62,6 @@ def _as_contiguous(xp, a):
 def _copy_as(xp, a):
     """A copy with the same memory layout."""
     return a.copy(order="K") if xp is np else a.clone()
-
-
-def _max(xp, a, v: float):
-    """``max(a, v)`` elementwise (``np.clip`` costs ~10x a ufunc call)."""
-    return np.maximum(a, v) if xp is np else a.clamp_min(v)
-
-
-def _softplus(xp, a):
-    """``(softplus(a), softplus'(a))`` exactly as torch computes them (linear above 20)."""
-    z = xp.exp(np.minimum(a, _SOFTPLUS_THRESHOLD) if xp is np else a.clamp_max(_SOFTPLUS_THRESHOLD))
-    big = a > _SOFTPLUS_THRESHOLD
-    return xp.where(big, a, xp.log1p(z)), xp.where(big, 1.0, z / (z + 1))
 
 
 def _planar_recurrence(xp, a, m):
@@ -116,66 +104,41 @@ def _planar_forward(xp, x, th):
     """
     D = x.shape[1]
     u, w, b = th[:, :D], th[:, D : 2 * D], th[:, 2 * D]
-    fi = xp.finfo(x.dtype)
-    # û = u + coef w with coef = (softplus(w·u) - 1 - w·u) / max(‖w‖², eps²), q = 1 + w·û
-    wu, wn2 = (w * u).sum(1), (w * w).sum(1)
-    sp, sig = _softplus(xp, wu)
-    den = _max(xp, wn2, fi.eps**2)
-    coef = (sp - 1 - wu) / den
-    s = wn2 / den  # 1 except where ‖w‖² < eps²
-    u_hat = u + coef[:, None] * w
-    q = _max(xp, sp * s + (1 + wu) * (1 - s), fi.tiny)
+    u_hat, q, parts = planar_u_hat_parts(u, w, xp)  # q (K, 1)
     m = w @ u_hat.T  # (K, K): w_k·û_j, used for j < k only
     a = w @ x.T + b[:, None]  # (K, N)
     t = _planar_recurrence(xp, a, m)
-    t2 = t * t
-    det = _max(xp, t2 + q[:, None] * (1 - t2), fi.tiny)  # (K, N)
     y = x + t.T @ u_hat
-    return y, xp.log(det).sum(0), (t, det, u_hat, q, m, wu, sig, s, den, coef)
+    return y, planar_log_det(t, q, xp).sum(0), (t, u_hat, q, m, parts)
 
 
 def _planar_backward(xp, x, th, saved, gy, gl):
     D = x.shape[1]
     u, w = th[:, :D], th[:, D : 2 * D]
-    t, det, u_hat, q, m, wu, sig, s, den, coef = saved
-    s_t = 1 - t * t
+    t, u_hat, q, m, (wu, sp, den, coef, s) = saved
+    t2 = t * t
+    s_t = 1 - t2
+    det = maximum(xp, t2 + q * s_t, xp.finfo(t.dtype).tiny)  # as in planar_log_det
     gl_det = gl[None, :] / det  # (K, N): d/d det_k of the summed log-det
-    g_q = (gl_det * s_t).sum(1)
+    g_q = (gl_det * s_t).sum(1)[:, None]
     # c_k = dL/dt_k through y and through the log-det (d det/dt = 2 t (1 - q))
-    c = u_hat @ gy.T + gl_det * (2 * t) * (1 - q)[:, None]
+    c = u_hat @ gy.T + gl_det * (2 * t) * (1 - q)
     g = _planar_recurrence_grad(xp, c, s_t, m)  # g_k = dL/da_k
     p = xp.tril(g @ t.T, -1)  # p_kj = Σ_n g_kn t_jn, j < k
     g_x = gy + g.T @ w
     g_u_hat = p.T @ w + t @ gy
     # back through û = u + coef w and q = softplus(a) s + (1 + a)(1 - s), a = w·u
     # (the clamp of q at `tiny` never binds in practice and is ignored)
-    g_coef = (g_u_hat * w).sum(1)
+    sig = softplus_grad(xp, wu)
+    g_coef = (g_u_hat * w).sum(1)[:, None]
     g_a = g_coef * (sig - 1) / den + g_q * (sig * s + 1 - s)
     floor = xp.finfo(x.dtype).eps ** 2
-    g_wn2 = xp.where(s == 1, -g_coef * coef / den, g_q * (coef * den) / floor)
+    g_wn2 = xp.where(s == 1, -g_coef * coef / den, g_q * (sp - 1 - wu) / floor)
     g_th = xp.zeros_like(th)
-    g_th[:, :D] = g_u_hat + g_a[:, None] * w
-    g_th[:, D : 2 * D] = (
-        coef[:, None] * g_u_hat + g_a[:, None] * u + (2 * g_wn2)[:, None] * w + p @ u_hat + g @ x
-    )
+    g_th[:, :D] = g_u_hat + g_a * w
+    g_th[:, D : 2 * D] = coef * g_u_hat + g_a * u + 2 * g_wn2 * w + p @ u_hat + g @ x
     g_th[:, 2 * D] = g.sum(1)
     return g_x, g_th
-
-
-def _radial_params(xp, th, D):
-    sa, dsa = _softplus(xp, th[:, D])
-    s, ds = _softplus(xp, th[:, D + 1])
-    return sa, s - sa, s, dsa, ds  # alpha > 0, beta, s = alpha + beta > 0, slopes
-
-
-def _radial_log_det(xp, r, alpha, s, D):
-    """Log-det of a radial layer at distance ``r`` (``(K, N)``; alpha, s ``(K, 1)``)."""
-    tiny = xp.finfo(r.dtype).tiny
-    log_ar = xp.log(_max(xp, alpha + r, tiny))
-    ld = xp.log(_max(xp, alpha * s + r * (2 * alpha + r), tiny)) - 2 * log_ar
-    if D > 1:
-        ld = ld + (D - 1) * (xp.log(_max(xp, s + r, tiny)) - log_ar)
-    return ld
 
 
 # Below this dimension the radial kernel works on contiguous copies of x^T (D, N);
@@ -198,7 +161,7 @@ def _radial_forward(xp, x, th):
     """
     N, D, K = x.shape[0], x.shape[1], th.shape[0]
     x0 = th[:, :D, None]  # (K, D, 1)
-    alpha, beta, s, dsa, ds = _radial_params(xp, th, D)
+    alpha, beta, s = radial_ab(th[:, D], th[:, D + 1], xp)
     xt = _feature_major(xp, x)  # (D, N), updated in place
     if D < _RADIAL_COPY_BELOW_D:  # same layout as xt
         diffs = _zeros(xp, (K, D, N), x)
@@ -210,12 +173,12 @@ def _radial_forward(xp, x, th):
         xp.subtract(xt, x0[k], out=d)
         xp.sqrt(xp.einsum("dn,dn->n", d, d), out=r[k])
         xt += d * (beta[k] / (alpha[k] + r[k]))
-    ladj = _radial_log_det(xp, r, alpha[:, None], s[:, None], D).sum(0)
-    return _as_contiguous(xp, xt.T), ladj, (diffs, r, alpha, beta, s, dsa, ds)
+    ladj = radial_log_det(r, alpha[:, None], s[:, None], D, xp).sum(0)
+    return _as_contiguous(xp, xt.T), ladj, (diffs, r, alpha, beta, s)
 
 
 def _radial_backward(xp, x, th, saved, gy, gl):
-    diffs, r, alpha, beta, s, dsa, ds = saved
+    diffs, r, alpha, beta, s = saved
     K, D = th.shape[0], diffs.shape[1]
     al, sl, bl = alpha[:, None], s[:, None], beta[:, None]
     inv_a = 1 / (al + r)  # (K, N)
@@ -231,7 +194,7 @@ def _radial_backward(xp, x, th, saved, gy, gl):
     g_s_ld = gl * ((D - 1) * inv_sr + al * inv_q)
     # y = x + phi(r) d: dL/dd = phi g + coef d, with coef = (phi'(r) (g·d) + dL/dr) / r
     # = c0 + c1 (g·d); dL/dx = g + dL/dd and dL/dx0 = -Σ_n dL/dd
-    inv_r = 1 / _max(xp, r, xp.finfo(r.dtype).tiny)  # r = 0 implies d = 0
+    inv_r = 1 / maximum(xp, r, xp.finfo(r.dtype).tiny)  # r = 0 implies d = 0
     c0, c1, one_phi = g_r_ld * inv_r, dphi * inv_r, 1 + phi
     gdots, coefs = xp.zeros_like(r), xp.zeros_like(r)
     g_th = xp.zeros_like(th)
@@ -254,8 +217,8 @@ def _radial_backward(xp, x, th, saved, gy, gl):
         g_th[:, :D] = -(gs @ phi[:, :, None] + diffs @ coefs[:, :, None])[:, :, 0]
     g_beta = (gdots * inv_a).sum(1)
     g_alpha = (gdots * dphi).sum(1) + g_alpha_ld.sum(1) - g_beta  # beta = s - alpha
-    g_th[:, D] = g_alpha * dsa
-    g_th[:, D + 1] = (g_s_ld.sum(1) + g_beta) * ds
+    g_th[:, D] = g_alpha * softplus_grad(xp, th[:, D])
+    g_th[:, D + 1] = (g_s_ld.sum(1) + g_beta) * softplus_grad(xp, th[:, D + 1])
     return _as_contiguous(xp, gt.T), g_th
 
 

@@ -1,53 +1,86 @@
 """The closed-form pieces of the planar and radial maps, shared by the single-layer,
-stacked, fused and compiled paths."""
+stacked, fused and compiled paths.
+
+Written against an array namespace ``xp``: torch (the default, differentiable by autograd)
+or NumPy (the hand-written CPU kernel of :mod:`._fused`), so every path evaluates the same
+formulas.
+"""
 
 from __future__ import annotations
 
 from typing import Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+_SOFTPLUS_THRESHOLD = 20.0  # torch's default: softplus(a) = a above it
 
-def planar_u_hat(u: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Return ``(u_hat, q)`` with ``q = 1 + w·u_hat > 0`` (shape ``(..., 1)``).
+
+def maximum(xp, a, v: float):
+    """``max(a, v)`` elementwise (``np.clip`` costs ~10x a ufunc call)."""
+    return np.maximum(a, v) if xp is np else a.clamp_min(v)
+
+
+def softplus(xp, a):
+    """``log(1 + e^a)``, exactly as :func:`torch.nn.functional.softplus` computes it."""
+    if xp is not np:
+        return F.softplus(a)
+    return np.where(a > _SOFTPLUS_THRESHOLD, a, np.log1p(np.exp(np.minimum(a, _SOFTPLUS_THRESHOLD))))
+
+
+def softplus_grad(xp, a):
+    """The derivative of :func:`softplus` as torch's autograd computes it (1 above 20)."""
+    z = xp.exp(np.minimum(a, _SOFTPLUS_THRESHOLD) if xp is np else a.clamp_max(_SOFTPLUS_THRESHOLD))
+    return xp.where(a > _SOFTPLUS_THRESHOLD, 1.0, z / (z + 1))
+
+
+def planar_u_hat_parts(u, w, xp=torch):
+    """``(u_hat, q, (a, sp, den, coef, s))`` with ``u_hat = u + coef w``,
+    ``coef = (softplus(a) - 1 - a) / den``, ``a = w·u``, ``den = max(‖w‖², eps²)``,
+    ``s = ‖w‖² / den`` and ``q = 1 + w·u_hat > 0``, all of shape ``(..., 1)`` but ``u_hat``.
+    The extra parts are what the hand-written gradient needs.
 
     ``‖w‖²`` is floored at ``eps²`` so that ``w = 0`` gives ``u_hat = u`` (the map is
-    then a translation and already invertible) instead of NaN.
+    then a translation and already invertible) instead of NaN; ``q`` is written without
+    cancellation, ``q = softplus(a) s + (1 + a)(1 - s)``.
     """
-    a = (w * u).sum(-1, keepdim=True)
-    sp = F.softplus(a)
-    wnorm2 = (w * w).sum(-1, keepdim=True)
-    floor = torch.finfo(wnorm2.dtype).eps ** 2
-    denom = wnorm2.clamp_min(floor)
-    u_hat = u + (sp - 1 - a) * (w / denom)
-    # s = 1 except where ||w||^2 < floor; q = 1 + w.u_hat without cancellation.
-    s = wnorm2 / denom
-    q = sp * s + (1 + a) * (1 - s)
-    return u_hat, q.clamp_min(torch.finfo(q.dtype).tiny)
+    a = (w * u).sum(-1)[..., None]
+    wn2 = (w * w).sum(-1)[..., None]
+    sp = softplus(xp, a)
+    den = maximum(xp, wn2, xp.finfo(wn2.dtype).eps ** 2)
+    coef = (sp - 1 - a) / den
+    s = wn2 / den  # 1 except where ‖w‖² < eps²
+    q = maximum(xp, sp * s + (1 + a) * (1 - s), xp.finfo(wn2.dtype).tiny)
+    return u + coef * w, q, (a, sp, den, coef, s)
 
 
-def planar_log_det(t: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+def planar_u_hat(u: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(u_hat, q)`` with ``q = 1 + w·u_hat > 0`` (shape ``(..., 1)``), see
+    :func:`planar_u_hat_parts`."""
+    u_hat, q, _ = planar_u_hat_parts(u, w)
+    return u_hat, q
+
+
+def planar_log_det(t, q, xp=torch):
     """``log(1 + (q-1)(1-t²))`` computed as ``log(t² + q(1-t²))`` (no cancellation)."""
     t2 = t * t
-    return torch.log(torch.addcmul(t2, q, 1 - t2).clamp_min(torch.finfo(t.dtype).tiny))
+    return xp.log(maximum(xp, t2 + q * (1 - t2), xp.finfo(t2.dtype).tiny))
 
 
-def _log_pos(x: torch.Tensor) -> torch.Tensor:
-    return torch.log(x.clamp_min(torch.finfo(x.dtype).tiny))
-
-
-def radial_ab(alpha_prime: torch.Tensor, beta_prime: torch.Tensor):
+def radial_ab(alpha_prime, beta_prime, xp=torch):
     """Return ``(alpha, beta, s)`` with ``alpha > 0`` and ``s = alpha + beta > 0``."""
-    alpha = F.softplus(alpha_prime)
-    s = F.softplus(beta_prime)
+    alpha = softplus(xp, alpha_prime)
+    s = softplus(xp, beta_prime)
     return alpha, s - alpha, s
 
 
-def radial_log_det(r, alpha, s, input_dim: int) -> torch.Tensor:
-    """Log-det of the radial map at distance ``r`` from the centre (shape ``(..., 1)``)."""
-    log_ar = _log_pos(alpha + r)
-    ld = _log_pos(alpha * s + r * (2 * alpha + r)) - 2 * log_ar
+def radial_log_det(r, alpha, s, input_dim: int, xp=torch):
+    """Log-det of the radial map at distance ``r`` from the centre:
+    ``(D-1)(log(s+r) - log(alpha+r)) + log(alpha s + 2 alpha r + r²) - 2 log(alpha+r)``."""
+    tiny = xp.finfo(r.dtype).tiny
+    log_ar = xp.log(maximum(xp, alpha + r, tiny))
+    ld = xp.log(maximum(xp, alpha * s + r * (2 * alpha + r), tiny)) - 2 * log_ar
     if input_dim > 1:
-        ld = ld + (input_dim - 1) * (_log_pos(s + r) - log_ar)
+        ld = ld + (input_dim - 1) * (xp.log(maximum(xp, s + r, tiny)) - log_ar)
     return ld
