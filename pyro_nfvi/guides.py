@@ -30,6 +30,7 @@ from pyro.infer.autoguide.utils import _product, helpful_support_errors
 from pyro.nn.module import PyroParam
 
 from .helpers import planar_flow, radial_flow
+from .transforms._base import LadjCacheMixin
 
 __all__ = ["AutoNormalizingFlow", "AutoPlanarFlow", "AutoRadialFlow"]
 
@@ -52,7 +53,12 @@ class _FlowPosterior(dist.TransformedDistribution):
     computed in the forward pass (``log q(z) = log p(eps) - sum log|det J|``), so
     no inverse is needed during training (fast, exact, and safe under the JIT).
     ``log_prob`` of any other value goes through the transforms' inverses.
+
+    With ``_standard_base = True`` (set where the base is N(0, I)), ``rsample`` draws the
+    base noise and its log-density directly: the same draws, fewer ops.
     """
+
+    _standard_base = False
 
     def with_transforms(self, transforms) -> "_FlowPosterior":
         """A copy with new transforms of the same shapes: skips the shape checks of
@@ -64,10 +70,10 @@ class _FlowPosterior(dist.TransformedDistribution):
 
     def rsample(self, sample_shape=torch.Size()):
         base = self.base_dist
-        if getattr(self, "_standard_base", False):
-            # N(0, I) in closed form: the same draws as base.rsample, fewer ops
+        if self._standard_base:
             shape = torch.Size(sample_shape) + base.event_shape
-            x = _standard_normal(shape, dtype=self._dtype, device=self._device)
+            mean = base.mean
+            x = _standard_normal(shape, dtype=mean.dtype, device=mean.device)
             log_q = -0.5 * (x * x).sum(-1) - _HALF_LOG_2PI * x.shape[-1]
         else:
             x = base.rsample(sample_shape)
@@ -75,9 +81,8 @@ class _FlowPosterior(dist.TransformedDistribution):
         event_dim = len(self.event_shape)
         for outer in self.transforms:
             for t in _flatten_transform(outer):
-                call_and_ladj = getattr(t, "call_and_ladj", None)
-                if call_and_ladj is not None:  # this package's flows: one pass
-                    y, ladj = call_and_ladj(x)
+                if isinstance(t, LadjCacheMixin):  # this package's flows: one pass
+                    y, ladj = t.call_and_ladj(x)
                 else:
                     y = t(x)
                     ladj = t.log_abs_det_jacobian(x, y)
@@ -349,9 +354,8 @@ class AutoNormalizingFlow(AutoContinuous):
         cached = getattr(self, "_posterior_template", None)
         if cached is None or cached.base_dist is not base:
             cached = _FlowPosterior(base, transforms)
-            cached.transforms = []  # holds no parameters: each call supplies its own
             cached._standard_base = True
-            cached._dtype, cached._device = self.loc.dtype, self.loc.device
+            cached.transforms = []  # holds no parameters: each call supplies its own
             self._posterior_template = cached
         return cached.with_transforms(transforms)
 

@@ -198,6 +198,27 @@ def test_predictive():
     assert latent.shape == (1,)
 
 
+def test_posterior_rsample_matches_transforming_base_draws():
+    """The posterior's one-pass rsample (closed-form N(0, I) noise, flows' own log-dets)
+    equals drawing from get_base_dist() with the same seed and pushing through
+    get_transform(), and its remembered log q equals log_prob through the inverses."""
+    data = _normal_data()
+    guide = AutoPlanarFlow(constrained_model, num_flows=3, full_rank=True)
+    _train(constrained_model, guide, 30, args=(data,))
+    post = guide.get_posterior(data)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        z = post.rsample((4,))
+        log_q = post.log_prob(z)
+        torch.manual_seed(5)
+        eps = guide.get_base_dist().rsample((4,))
+        transform = guide.get_transform(data)
+        assert torch.allclose(z, transform(eps), atol=1e-6)
+        ref = guide.get_base_dist().log_prob(eps) - transform.log_abs_det_jacobian(eps, z)
+        assert torch.allclose(log_q, ref, atol=1e-5)
+        assert torch.allclose(post.log_prob(z.clone()), log_q, atol=1e-3)
+
+
 def test_neutra_reparam():
     data = _normal_data()
     guide = AutoPlanarFlow(constrained_model, num_flows=3, full_rank=True)
