@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.autograd.function import once_differentiable
 
-from ._math import maximum, planar_log_det, planar_u_hat_parts, radial_ab, radial_log_det, softplus_grad
+from ._math import maximum, planar_det, planar_u_hat_parts, radial_ab, radial_log_det, softplus_grad
 
 # Set to False to run the kernels in torch on CPU too (the tests compare both).
 USE_NUMPY = True
@@ -109,16 +109,15 @@ def _planar_forward(xp, x, th):
     a = w @ x.T + b[:, None]  # (K, N)
     t = _planar_recurrence(xp, a, m)
     y = x + t.T @ u_hat
-    return y, planar_log_det(t, q, xp).sum(0), (t, u_hat, q, m, parts)
+    det = planar_det(t, q, xp)  # (K, N)
+    return y, xp.log(det).sum(0), (t, det, u_hat, q, m, parts)
 
 
 def _planar_backward(xp, x, th, saved, gy, gl):
     D = x.shape[1]
     u, w = th[:, :D], th[:, D : 2 * D]
-    t, u_hat, q, m, (wu, sp, den, coef, s) = saved
-    t2 = t * t
-    s_t = 1 - t2
-    det = maximum(xp, t2 + q * s_t, xp.finfo(t.dtype).tiny)  # as in planar_log_det
+    t, det, u_hat, q, m, (wu, sp, den, coef, s) = saved
+    s_t = 1 - t * t
     gl_det = gl[None, :] / det  # (K, N): d/d det_k of the summed log-det
     g_q = (gl_det * s_t).sum(1)[:, None]
     # c_k = dL/dt_k through y and through the log-det (d det/dt = 2 t (1 - q))

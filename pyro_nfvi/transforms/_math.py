@@ -62,10 +62,16 @@ def planar_u_hat(u: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return u_hat, q
 
 
-def planar_log_det(t, q, xp=torch):
-    """``log(1 + (q-1)(1-t²))`` computed as ``log(t² + q(1-t²))`` (no cancellation)."""
+def planar_det(t, q, xp=torch):
+    """``det J = 1 + (q-1)(1-t²)`` of a planar layer with ``t = tanh(w·x + b)``, computed
+    as ``t² + q(1-t²)`` (no cancellation)."""
     t2 = t * t
-    return xp.log(maximum(xp, t2 + q * (1 - t2), xp.finfo(t2.dtype).tiny))
+    return maximum(xp, t2 + q * (1 - t2), xp.finfo(t2.dtype).tiny)
+
+
+def planar_log_det(t, q, xp=torch):
+    """``log det J`` of a planar layer, see :func:`planar_det`."""
+    return xp.log(planar_det(t, q, xp))
 
 
 def radial_ab(alpha_prime, beta_prime, xp=torch):
