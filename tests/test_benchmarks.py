@@ -1,0 +1,36 @@
+"""Smoke tests of the benchmark scripts: they run and print their tables (no timing
+assertions; the ratios are for humans to read)."""
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_speed_quick_runs(capsys):
+    bench = _load("bench_speed")
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--no-compile", "--rounds", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for line in ("planar   32   256   2", "radial   32   256   2", "ours AutoPlanarFlow(32)"):
+        assert line in out
+    assert "nan" not in out
+
+
+def test_bench_speed_regression_section_runs(capsys):
+    bench = _load("bench_speed")
+    bench.bench_svi_regression(rounds=1)
+    out = capsys.readouterr().out
+    assert out.count("pyro/ours") == 4 and "nan" not in out
