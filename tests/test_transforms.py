@@ -507,3 +507,15 @@ def test_stacks_work_under_torch_func_and_forward_ad(make):
     with fwAD.dual_level():
         tangent = fwAD.unpack_dual(flow(fwAD.make_dual(x, v))).tangent
     assert torch.allclose(tangent, torch.einsum("nij,nj->ni", ref, v), atol=1e-12)
+
+
+@pytest.mark.parametrize("make", [helpers.planar_flow, helpers.radial_flow])
+def test_fused_backward_detects_in_place_parameter_change(make):
+    """The kernel keeps views of its inputs; changing them between forward and backward
+    must raise autograd's usual error, not silently use the new values."""
+    flow = make(2, 4)
+    y, ladj = flow.call_and_ladj(torch.randn(3, 2))
+    with torch.no_grad():
+        flow.theta.add_(1.0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        (y.sum() + ladj.sum()).backward()

@@ -229,22 +229,21 @@ class _FusedStack(torch.autograd.Function):
     def forward(ctx, x, theta, kernels):
         xp, (xa, tha) = _namespace(x, theta)
         shape = tuple(x.shape)
+        xa = xa.reshape(-1, shape[-1])
         with np.errstate(all="ignore"):  # torch does not warn on overflow either
-            y, ladj, saved = kernels[0](xp, xa.reshape(-1, shape[-1]), tha)
-        ctx.save_for_backward(x, theta)
-        ctx.saved, ctx.kernels, ctx.shape = saved, kernels, shape
+            y, ladj, saved = kernels[0](xp, xa, tha)
+        ctx.save_for_backward(x, theta)  # for autograd's in-place modification check
+        ctx.saved, ctx.inputs, ctx.kernels, ctx.shape = saved, (xa, tha), kernels, shape
         return _to_torch(xp, y.reshape(shape), ladj.reshape(shape[:-1]))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy, gl):
-        x, theta = ctx.saved_tensors
-        xp, (xa, tha, gya, gla) = _namespace(x, theta, gy, gl)
-        D = ctx.shape[-1]
+        ctx.saved_tensors  # raises if x or theta was modified in place since forward
+        xp, (gya, gla) = _namespace(gy, gl)
+        (xa, tha), D = ctx.inputs, ctx.shape[-1]
         with np.errstate(all="ignore"):
-            g_x, g_th = ctx.kernels[1](
-                xp, xa.reshape(-1, D), tha, ctx.saved, gya.reshape(-1, D), gla.reshape(-1)
-            )
+            g_x, g_th = ctx.kernels[1](xp, xa, tha, ctx.saved, gya.reshape(-1, D), gla.reshape(-1))
         g_x, g_th = _to_torch(xp, g_x.reshape(ctx.shape), g_th)
         return g_x, g_th, None
 
