@@ -151,6 +151,12 @@ def _feature_major(xp, a):
     return _contiguous_copy(xp, a.T) if a.shape[1] < _RADIAL_COPY_BELOW_D else _copy_as(xp, a).T
 
 
+def _dot0(xp, a, b):
+    """``Σ_d a[d] * b[d]`` for feature-major ``(D, N)`` arrays: a product and a sum for
+    small D (cheapest there), one fused pass (``einsum``) for large D."""
+    return (a * b).sum(0) if a.shape[0] < _RADIAL_COPY_BELOW_D else xp.einsum("dn,dn->n", a, b)
+
+
 def _radial_forward(xp, x, th):
     """``x (N, D)``, ``th = [x0 | α' | β'] (K, D+2)`` -> ``y, ladj`` and what backward needs.
 
@@ -167,11 +173,10 @@ def _radial_forward(xp, x, th):
     else:
         diffs = _zeros(xp, (K, N, D), x).swapaxes(1, 2)
     r = _zeros(xp, (K, N), x)
-    for k in range(K):
-        d = diffs[k]
-        xp.subtract(xt, x0[k], out=d)
-        xp.sqrt(xp.einsum("dn,dn->n", d, d), out=r[k])
-        xt += d * (beta[k] / (alpha[k] + r[k]))
+    for d, rk, x0k, ak, bk in zip(diffs, r, x0, alpha, beta):
+        xp.subtract(xt, x0k, out=d)
+        xp.sqrt(_dot0(xp, d, d), out=rk)
+        xt += d * (bk / (ak + rk))
     ladj = radial_log_det(r, alpha[:, None], s[:, None], D, xp).sum(0)
     return _as_contiguous(xp, xt.T), ladj, (diffs, r, alpha, beta, s)
 
@@ -203,9 +208,9 @@ def _radial_backward(xp, x, th, saved, gy, gl):
     gs = xp.zeros_like(diffs) if D < _RADIAL_COPY_BELOW_D else None
     gt = _feature_major(xp, gy)  # (D, N), updated in place
     for k in reversed(range(K)):
-        d, coef = diffs[k], coefs[k]
-        gdots[k] = xp.einsum("dn,dn->n", gt, d)
-        xp.add(c0[k], c1[k] * gdots[k], out=coef)
+        d, coef, gdot = diffs[k], coefs[k], gdots[k]
+        gdot[...] = _dot0(xp, gt, d)
+        xp.add(c0[k], c1[k] * gdot, out=coef)
         if gs is None:
             g_th[k, :D] = -(gt @ phi[k] + d @ coef)
         else:
