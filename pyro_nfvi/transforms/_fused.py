@@ -64,12 +64,17 @@ def _copy_as(xp, a):
     return a.copy(order="K") if xp is np else a.clone()
 
 
+# The scalar recurrences cost O(K²) Python operations: past ~80 layers one NumPy call
+# per layer is cheaper.
+_SCALAR_MAX_LAYERS = 64
+
+
 def _planar_recurrence(xp, a, m):
     """``t_k = tanh(a_k + Σ_{j<k} m_kj t_j)`` for ``a (K, N)``, ``m (K, K)``."""
     K, N = a.shape
-    if xp is np and N == 1:
+    if xp is np and N == 1 and K <= _SCALAR_MAX_LAYERS:
         # one row (an SVI step with one particle): plain Python floats, ~3x faster
-        # than a NumPy call per layer; computed in double precision
+        # than a NumPy call per layer at K = 16-32; computed in double precision
         a_, m_, t = a[:, 0].tolist(), m.tolist(), []
         for k in range(K):
             t.append(math.tanh(a_[k] + sum(map(mul, m_[k], t))))  # zip stops at j = k
@@ -83,7 +88,7 @@ def _planar_recurrence(xp, a, m):
 def _planar_recurrence_grad(xp, c, s, m):
     """``g_k = s_k (c_k + Σ_{j>k} m_jk g_j)``, the adjoint of :func:`_planar_recurrence`."""
     K, N = c.shape
-    if xp is np and N == 1:
+    if xp is np and N == 1 and K <= _SCALAR_MAX_LAYERS:
         c_, s_, mt, g = c[:, 0].tolist(), s[:, 0].tolist(), m.T.tolist(), [0.0] * K
         for k in reversed(range(K)):
             g[k] = s_[k] * (c_[k] + sum(map(mul, mt[k][k + 1 :], g[k + 1 :])))
