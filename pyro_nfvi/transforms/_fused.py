@@ -59,11 +59,6 @@ def _as_contiguous(xp, a):
     return np.ascontiguousarray(a) if xp is np else a.contiguous()
 
 
-def _copy_as(xp, a):
-    """A copy with the same memory layout."""
-    return a.copy(order="K") if xp is np else a.clone()
-
-
 # The scalar recurrences cost O(K²) Python operations: past ~80 layers one NumPy call
 # per layer is cheaper.
 _SCALAR_MAX_LAYERS = 64
@@ -153,7 +148,7 @@ _RADIAL_COPY_BELOW_D = 16
 def _feature_major(xp, a):
     """``a (N, D)`` as ``(D, N)``: a contiguous copy for small D (NumPy is several times
     slower broadcasting or reducing along a short inner axis), else a view."""
-    return _contiguous_copy(xp, a.T) if a.shape[1] < _RADIAL_COPY_BELOW_D else _copy_as(xp, a).T
+    return _contiguous_copy(xp, a.T) if a.shape[1] < _RADIAL_COPY_BELOW_D else _contiguous_copy(xp, a).T
 
 
 def _dot0(xp, a, b):

@@ -63,6 +63,15 @@ def radial_inverse_radius(gamma, alpha, s) -> torch.Tensor:
     return torch.where(pos, r_pos, r_neg)
 
 
+def radial_inverse(y, x0, alpha, s) -> torch.Tensor:
+    """Exact inverse of one radial layer with constrained ``alpha`` and ``s = alpha + beta``:
+    ``x = x0 + (y - x0) (alpha + r) / (s + r)`` with ``r`` from :func:`radial_inverse_radius`."""
+    diff = y - x0
+    gamma = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+    r = radial_inverse_radius(gamma, alpha, s)
+    return x0 + diff * ((alpha + r) / (s + r))
+
+
 def radial_call(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, log|det J|)`` of one radial layer from raw parameters."""
     alpha, beta, s = radial_ab(alpha_prime, beta_prime)
@@ -103,10 +112,7 @@ class ConditionedRadial(ConditionedFlow):
         x0, alpha_prime, beta_prime = _unpack_radial(self._params)
         check_event(y, x0.shape[-1], "y")
         alpha, _, s = radial_ab(alpha_prime, beta_prime)
-        diff = y - x0
-        gamma = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-        r = radial_inverse_radius(gamma, alpha, s)
-        return x0 + diff * ((alpha + r) / (s + r))
+        return radial_inverse(y, x0, alpha, s)
 
 
 class Radial(ConditionedRadial, TransformModule):
@@ -240,10 +246,7 @@ class ConditionedStackedRadial(ConditionedFlow):
         check_event(y, x0.shape[-1], "y")
         alpha, _, s = radial_ab(alpha_prime, beta_prime)
         for k in reversed(range(x0.shape[-2])):
-            diff = y - x0[..., k, :]
-            gamma = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-            r = radial_inverse_radius(gamma, alpha[..., k, :], s[..., k, :])
-            y = x0[..., k, :] + diff * ((alpha[..., k, :] + r) / (s[..., k, :] + r))
+            y = radial_inverse(y, x0[..., k, :], alpha[..., k, :], s[..., k, :])
         return y
 
 
