@@ -40,7 +40,9 @@ from typing import Any, Callable, Iterable, List, Optional, Sequence, Union
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro import poutine
 from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.util import zero_grads
 from torch.distributions import Transform
 from torch.distributions.transforms import AffineTransform
 try:  # notebook widget bars need ipywidgets; without it tqdm.auto only warns
@@ -79,7 +81,9 @@ def fit(
     :param progress: show a ``tqdm`` progress bar with the running loss.
     :param kwargs: keyword arguments passed to model and guide at every step.
     :returns: list of the ``num_steps`` losses (floats).
-    :raises FloatingPointError: if a loss is NaN or infinite (the message names the step).
+    :raises FloatingPointError: if a loss or a gradient is NaN or infinite. The check runs
+        before the optimiser step, so the guide keeps the parameters of the last good step
+        (the message names the step and the parameters with non-finite gradients).
     """
     num_steps = _check_num_steps(num_steps)
     if optim is None:
@@ -92,19 +96,50 @@ def fit(
     with tqdm(total=num_steps, disable=not progress, desc="SVI") as bar:
         for step in range(num_steps):
             try:
-                value = float(svi.step(*args, **kwargs))
+                value = _checked_svi_step(svi, step, num_steps, args, kwargs)
             except ValueError as e:  # e.g. Pyro's argument validation
                 raise ValueError(f"SVI step {step} (of {num_steps}) failed: {e}") from e
-            if not math.isfinite(value):
-                raise FloatingPointError(
-                    f"SVI loss is {value} at step {step} (of {num_steps}); "
-                    "check the model/guide for invalid parameters, or lower the learning rate"
-                )
             history.append(value)
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
             if progress and (step % 10 == 0 or step == num_steps - 1):
                 bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+    return history
+
+
+def _checked_svi_step(svi: SVI, step: int, num_steps: int, args, kwargs) -> float:
+    """One :meth:`SVI.step`, with the loss and every gradient checked for finiteness
+    *before* the optimiser runs: a NaN/inf raises ``FloatingPointError`` and leaves the
+    parameters as they were after the last good step (so the fit can be resumed)."""
+    # the same public steps as SVI.step: loss_and_grads under a param trace, then optim
+    with poutine.trace(param_only=True) as param_capture:
+        loss = svi.loss_and_grads(svi.model, svi.guide, *args, **kwargs)
+    params = {
+        name: site["value"].unconstrained() for name, site in param_capture.trace.nodes.items()
+    }
+    value = float(loss)
+    bad = None
+    if not math.isfinite(value):
+        bad = f"SVI loss is {value} at step {step} (of {num_steps})"
+    else:
+        grads = [(n, p.grad) for n, p in params.items() if p.grad is not None]
+        # one synchronising check for all parameters, names only on failure
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+            names = [n for n, g in grads if not bool(torch.isfinite(g).all())]
+            bad = (
+                f"SVI loss is finite ({value:.6g}) at step {step} (of {num_steps}) but the "
+                f"gradient of parameter(s) {', '.join(repr(n) for n in names)} is not"
+            )
+    if bad is not None:
+        zero_grads(params.values())
+        raise FloatingPointError(
+            bad + "; no optimiser step was taken, so the parameters are those after the last "
+            "good step and fit() can be resumed. Check the model/guide for invalid "
+            "parameters, or lower the learning rate"
+        )
+    svi.optim(set(params.values()))
+    zero_grads(params.values())
+    return value
     return history
 
 
