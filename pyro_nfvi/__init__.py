@@ -15,10 +15,14 @@ from .helpers import (
     conditional_planar_flow,
     conditional_radial,
     conditional_radial_flow,
+    conditional_sylvester,
+    conditional_sylvester_flow,
     planar,
     planar_flow,
     radial,
     radial_flow,
+    sylvester,
+    sylvester_flow,
 )
 from .infer import fit, fit_density
 
@@ -33,6 +37,8 @@ __all__ = [
     "conditional_planar_flow",
     "conditional_radial",
     "conditional_radial_flow",
+    "conditional_sylvester",
+    "conditional_sylvester_flow",
     "diagnostics",
     "fit",
     "fit_density",
@@ -44,6 +50,8 @@ __all__ = [
     "plotting",
     "radial",
     "radial_flow",
+    "sylvester",
+    "sylvester_flow",
     "targets",
     "testing",
     "transforms",

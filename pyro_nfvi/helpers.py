@@ -27,6 +27,14 @@ from .transforms.radial import (
     Radial,
     StackedRadial,
 )
+from .transforms.sylvester import (
+    ConditionalStackedSylvester,
+    ConditionalSylvester,
+    StackedSylvester,
+    Sylvester,
+    _hyper_sizes,
+    _resolve,
+)
 
 __all__ = [
     "planar",
@@ -37,6 +45,10 @@ __all__ = [
     "radial_flow",
     "conditional_planar_flow",
     "conditional_radial_flow",
+    "sylvester",
+    "conditional_sylvester",
+    "sylvester_flow",
+    "conditional_sylvester_flow",
 ]
 
 
@@ -150,3 +162,90 @@ def conditional_radial_flow(
     K = check_input_dim(num_flows, "num_flows")
     hypernet = DenseNN(context_dim, _hidden(input_dim, hidden_dims), [K * input_dim, K, K])
     return ConditionalStackedRadial(hypernet, input_dim)
+
+
+def sylvester(
+    input_dim: int,
+    bottleneck: Optional[int] = None,
+    kind: str = "orthogonal",
+    num_householder: Optional[int] = None,
+) -> Sylvester:
+    """A :class:`~pyro_nfvi.transforms.Sylvester` layer of dimension ``input_dim`` with
+    bottleneck ``M`` (default ``input_dim``) and ``Q`` of the given ``kind``
+    (``"orthogonal"``, ``"householder"`` or ``"triangular"``).
+
+    >>> import torch
+    >>> sylvester(4, bottleneck=2)(torch.zeros(3, 4)).shape
+    torch.Size([3, 4])
+    """
+    return Sylvester(input_dim, bottleneck=bottleneck, kind=kind, num_householder=num_householder)
+
+
+def conditional_sylvester(
+    input_dim: int,
+    context_dim: int,
+    hidden_dims: Optional[Sequence[int]] = None,
+    bottleneck: Optional[int] = None,
+    kind: str = "orthogonal",
+    num_householder: Optional[int] = None,
+) -> ConditionalSylvester:
+    """A :class:`~pyro_nfvi.transforms.ConditionalSylvester` whose hypernetwork is a
+    ``DenseNN(context_dim, hidden_dims, param_dims=[M, M(M+1)/2, M(M+1)/2, D*n])``
+    (default hidden dims ``[10 * input_dim, 10 * input_dim]``).
+
+    >>> import torch
+    >>> flow = conditional_sylvester(3, context_dim=2, bottleneck=2)
+    >>> flow.condition(torch.randn(4, 2))(torch.randn(4, 3)).shape
+    torch.Size([4, 3])
+    """
+    D, M, n = _resolve(input_dim, bottleneck, kind, num_householder)
+    context_dim = check_input_dim(context_dim, "context_dim")
+    hypernet = DenseNN(context_dim, _hidden(D, hidden_dims), _hyper_sizes(D, M, n))
+    return ConditionalSylvester(hypernet, D, bottleneck=M, kind=kind, num_householder=num_householder)
+
+
+def sylvester_flow(
+    input_dim: int,
+    num_flows: int,
+    bottleneck: Optional[int] = None,
+    kind: str = "orthogonal",
+    num_householder: Optional[int] = None,
+) -> StackedSylvester:
+    """``num_flows`` Sylvester layers as ONE :class:`~pyro.distributions.TransformModule`
+    (a :class:`~pyro_nfvi.transforms.StackedSylvester`), equal to composing
+    ``num_flows`` :func:`sylvester` layers (alternating identity / reversal ``Q`` for
+    ``kind="triangular"``).
+
+    >>> import torch
+    >>> sylvester_flow(4, num_flows=8, bottleneck=2)(torch.zeros(5, 4)).shape
+    torch.Size([5, 4])
+    """
+    return StackedSylvester(
+        input_dim, num_flows, bottleneck=bottleneck, kind=kind, num_householder=num_householder
+    )
+
+
+def conditional_sylvester_flow(
+    input_dim: int,
+    context_dim: int,
+    num_flows: int,
+    hidden_dims: Optional[Sequence[int]] = None,
+    bottleneck: Optional[int] = None,
+    kind: str = "orthogonal",
+    num_householder: Optional[int] = None,
+) -> ConditionalStackedSylvester:
+    """``num_flows`` conditional Sylvester layers whose parameters all come from one
+    ``DenseNN`` call on the context.
+
+    >>> import torch
+    >>> flow = conditional_sylvester_flow(3, context_dim=2, num_flows=4, bottleneck=2)
+    >>> flow.condition(torch.randn(5, 2))(torch.randn(5, 3)).shape
+    torch.Size([5, 3])
+    """
+    D, M, n = _resolve(input_dim, bottleneck, kind, num_householder)
+    context_dim = check_input_dim(context_dim, "context_dim")
+    K = check_input_dim(num_flows, "num_flows")
+    hypernet = DenseNN(context_dim, _hidden(D, hidden_dims), _hyper_sizes(D, M, n, K))
+    return ConditionalStackedSylvester(
+        hypernet, D, K, bottleneck=M, kind=kind, num_householder=num_householder
+    )

@@ -16,6 +16,14 @@ from .radial import (
     Radial,
     StackedRadial,
 )
+from .sylvester import (
+    ConditionalStackedSylvester,
+    ConditionalSylvester,
+    ConditionedStackedSylvester,
+    ConditionedSylvester,
+    StackedSylvester,
+    Sylvester,
+)
 
 __all__ = [
     "ConditionalPlanar",
@@ -30,4 +38,10 @@ __all__ = [
     "Radial",
     "StackedPlanar",
     "StackedRadial",
+    "ConditionalStackedSylvester",
+    "ConditionalSylvester",
+    "ConditionedStackedSylvester",
+    "ConditionedSylvester",
+    "StackedSylvester",
+    "Sylvester",
 ]
