@@ -165,38 +165,49 @@ def psis_smooth(log_weights: torch.Tensor) -> Tuple[torch.Tensor, float]:
     >>> bool(smoothed.max() <= lw.max()), bool(abs(khat - 0.5) < 0.15)
     (True, True)
     """
-    lw = _check_log_weights(log_weights)
+    smoothed, khat, note = _psis_smooth(_check_log_weights(log_weights))
+    if note:
+        warnings.warn(note, ImportanceWarning, stacklevel=2)
+    return smoothed, khat
+
+
+def _psis_smooth(lw: torch.Tensor) -> Tuple[torch.Tensor, float, str]:
+    """:func:`psis_smooth` without the warning: ``(smoothed, khat, why k̂ is inf or "")``."""
     n = lw.numel()
     shift = lw.max()
     x, order = torch.sort(lw - shift)
     finite = x[torch.isfinite(x)]
     if float(finite[-1] - finite[0]) < 1e-5 and finite.numel() == n:
-        return lw.clone(), -float("inf")  # q = p up to a constant: bounded weights
+        return lw.clone(), -float("inf"), ""  # q = p up to a constant: bounded weights
     tail_len = int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n))))
     cut_index = max(n - tail_len - 1, 0)
     # the tail: draws above the (M+1)-th largest (and above 1e-15 of the largest weight)
     log_cutoff = max(math.log(1e-15), float(x[cut_index]))
     num_tail = int((x > log_cutoff).sum())
     if num_tail < 10:
-        warnings.warn(
-            f"only {num_tail} draws in the tail of the importance weights: too few to fit a "
-            "generalized Pareto distribution (k-hat = inf); draw more samples.",
-            ImportanceWarning,
-            stacklevel=2,
-        )
-        return lw.clone(), float("inf")
+        if tail_len >= 10:  # enough draws: the weights are spread beyond 1e-15
+            note = (
+                f"only {num_tail} of {n} importance weights are within 1e-15 of the largest: "
+                "the weights are degenerate (k-hat = inf)"
+            )
+        else:
+            note = (
+                f"only {num_tail} draws in the tail of the importance weights: too few to fit "
+                "a generalized Pareto distribution (k-hat = inf); draw more samples"
+            )
+        return lw.clone(), float("inf"), note
     tail = x[n - num_tail :]
     cutoff = math.exp(log_cutoff)
     k, sigma = fit_generalized_pareto(tail.exp() - cutoff)
     if not (math.isfinite(k) and math.isfinite(sigma) and sigma > 0):
-        return lw.clone(), float(k) if math.isfinite(k) else float("inf")
+        return lw.clone(), float(k) if math.isfinite(k) else float("inf"), ""
     p = (torch.arange(1, num_tail + 1, dtype=torch.float64) - 0.5) / num_tail
     smoothed_tail = (cutoff + _gpd_quantile(p, k, sigma)).clamp(max=1.0)  # max raw w = 1
     x = x.clone()
     x[n - num_tail :] = smoothed_tail.log()
     out = torch.empty_like(x)
     out[order] = x
-    return out + shift, float(k)
+    return out + shift, float(k), ""
 
 
 class WeightedPosterior:
@@ -252,7 +263,7 @@ class WeightedPosterior:
             raise TypeError(f"smooth must be a bool, got {smooth!r}")
         self.samples: Dict[str, torch.Tensor] = dict(samples)
         self.raw_log_weights = lw
-        smoothed, self.khat = psis_smooth(lw)
+        smoothed, self.khat, self._khat_note = _psis_smooth(lw)
         if not smooth:
             smoothed = lw
         self.smoothed = smooth
@@ -287,11 +298,12 @@ class WeightedPosterior:
         return self.khat <= self.khat_threshold
 
     def _warn(self, stacklevel: int = 2) -> None:
-        if not self.reliable and math.isfinite(self.khat):
+        if not self.reliable:
+            why = f" ({self._khat_note})" if self._khat_note else ""
             warnings.warn(
-                f"Pareto k-hat = {self.khat:.2f} > {self.khat_threshold:.2f}: importance-weighted "
-                "estimates are unreliable; fit the guide longer or use a richer guide "
-                f"(ESS = {self.ess:.0f} of {self.num_samples} draws).",
+                f"Pareto k-hat = {self.khat:.2f} > {self.khat_threshold:.2f}{why}: "
+                "importance-weighted estimates are unreliable; fit the guide longer or use a "
+                f"richer guide (ESS = {self.ess:.1f} of {self.num_samples} draws).",
                 ImportanceWarning,
                 stacklevel=stacklevel + 1,
             )
