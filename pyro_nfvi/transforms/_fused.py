@@ -25,7 +25,6 @@ from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from ._math import maximum, planar_det, planar_u_hat_parts, radial_ab, radial_log_det, softplus_grad
 
@@ -228,7 +227,13 @@ def _radial_backward(xp, x, th, saved, gy, gl):
 
 class _FusedStack(torch.autograd.Function):
     """``(x (..., D), theta (K, P)) -> (y (..., D), ladj (...))`` through the ``forward`` /
-    ``backward`` kernels given. Batch dims are flattened inside (no autograd view nodes)."""
+    ``backward`` kernels given. Batch dims are flattened inside (no autograd view nodes).
+
+    The hand-written backward is not itself differentiable. When a higher-order graph is
+    asked for (``create_graph=True``: Hessians, gradient penalties, HMC on a transformed
+    space), the backward instead recomputes the stack with the plain autograd loop and
+    differentiates that, so second derivatives are exact rather than silently zero.
+    """
 
     @staticmethod
     def forward(ctx, x, theta, kernels):
@@ -242,15 +247,39 @@ class _FusedStack(torch.autograd.Function):
         return _to_torch(xp, y.reshape(shape), ladj.reshape(shape[:-1]))
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, gy, gl):
-        ctx.saved_tensors  # raises if x or theta was modified in place since forward
+        x, theta = ctx.saved_tensors  # raises if x or theta was modified in place since forward
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            return _plain_backward(ctx, x, theta, gy, gl)
         xp, (gya, gla) = _namespace(gy, gl)
         (xa, tha), D = ctx.inputs, ctx.shape[-1]
         with np.errstate(all="ignore"):
             g_x, g_th = ctx.kernels[1](xp, xa, tha, ctx.saved, gya.reshape(-1, D), gla.reshape(-1))
         g_x, g_th = _to_torch(xp, g_x.reshape(ctx.shape), g_th)
         return g_x, g_th, None
+
+
+# > 0 while a backward recomputes a stack with the plain loop (use_fused then says no)
+_PLAIN_DEPTH = 0
+
+
+def _plain_backward(ctx, x, theta, gy, gl):
+    """Vector-Jacobian product of the plain autograd loop, with its graph kept."""
+    global _PLAIN_DEPTH
+    if ctx.kernels is _PLANAR:
+        from .planar import stacked_planar_packed as plain
+    else:
+        from .radial import stacked_radial_packed as plain
+    wanted = [t for t, need in zip((x, theta), ctx.needs_input_grad[:2]) if need]
+    _PLAIN_DEPTH += 1
+    try:
+        y, ladj = plain(x, theta)
+    finally:
+        _PLAIN_DEPTH -= 1
+    grads = iter(torch.autograd.grad((y, ladj), wanted, (gy, gl), create_graph=True, allow_unused=True))
+    g_x = next(grads) if ctx.needs_input_grad[0] else None
+    g_th = next(grads) if ctx.needs_input_grad[1] else None
+    return g_x, g_th, None
 
 
 _PLANAR = (_planar_forward, _planar_backward)
@@ -266,10 +295,13 @@ def _functorch_active() -> bool:
 def use_fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
     """Whether the hand-written stack applies: unbatched params of more than one layer
     (for one layer the plain ops are as cheap), eager mode, no tracing or compiling, no
-    ``torch.func`` transform (vmap, jacrev, ...) or forward-mode AD in progress."""
+    ``torch.func`` transform (vmap, jacrev, ...) or forward-mode AD in progress, and
+    not inside the differentiable recompute of a double backward."""
     if any(p.dim() != 2 for p in params) or params[0].shape[0] < 2:
         return False
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active():
+        return False
+    if _PLAIN_DEPTH:  # recomputing for a double backward
         return False
     return x.dim() >= 1 and x.dtype == params[0].dtype
 

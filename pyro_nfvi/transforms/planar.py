@@ -57,6 +57,8 @@ Params = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 def planar_solve(c: torch.Tensor, q: torch.Tensor, max_iter: int = 200) -> torch.Tensor:
     """Solve ``a + (q - 1) tanh(a) = c`` for ``a`` elementwise (q > 0), differentiably."""
     k = q - 1
+    if torch.jit.is_tracing():  # no data-dependent iteration count in a trace
+        return _planar_solve_traced(c, q, k)
     with torch.no_grad():
         c0, k0 = torch.broadcast_tensors(c.detach(), k.detach())
         q0 = q.detach().expand_as(c0)
@@ -85,11 +87,50 @@ def planar_solve(c: torch.Tensor, q: torch.Tensor, max_iter: int = 200) -> torch
             a = a_new
             if bool(done.all()):
                 break
+    return _planar_ift(a, c, q, k)
+
+
+def _planar_ift(a, c, q, k):
+    """Attach the implicit-function-theorem derivatives to the detached root ``a``: two
+    Newton steps from it. One step already has the exact first derivative; the second
+    makes second derivatives exact too (Newton's map has zero slope at the root), so
+    Hessians through the inverse are right."""
     if not (c.requires_grad or q.requires_grad):
         return a
-    # Implicit-function-theorem gradient: one Newton step from the detached root.
-    t = torch.tanh(a)
-    return a - (a + k * t - c) / planar_log_det(t, q).exp()
+    for _ in range(2):
+        t = torch.tanh(a)
+        a = a - (a + k * t - c) / planar_log_det(t, q).exp()
+    return a
+
+
+def _planar_solve_traced(c, q, k):
+    r"""The solve of :func:`planar_solve` with a fixed iteration count, for tracing.
+
+    Bisection on :math:`t = \tanh a \in (-1, 1)`: :math:`g(t) = \operatorname{atanh} t
+    + k t - c` is increasing (:math:`g' = 1/(1 - t^2) + k > 1 + k = q > 0`), the bracket
+    starts at width 2 and halves every step, so after ``nmant + 3`` steps it is below
+    ``eps / 4`` for every input: a count that is sufficient whatever the data, and the
+    trace is right for inputs other than the one it was recorded with. Then
+    ``a = c - k t`` and two Newton steps, each kept only where it lowers ``|f|``.
+    """
+    with torch.no_grad():
+        c0, k0 = torch.broadcast_tensors(c.detach(), k.detach())
+        q0 = q.detach().expand_as(c0)
+        lo, hi = -torch.ones_like(c0), torch.ones_like(c0)
+        # eps = 2^-nmant: nmant + 3 halvings of width 2 end below eps / 4
+        for _ in range(round(-math.log2(torch.finfo(c0.dtype).eps)) + 3):
+            mid = 0.5 * (lo + hi)
+            pos = torch.atanh(mid) + k0 * mid - c0 > 0
+            hi, lo = torch.where(pos, mid, hi), torch.where(pos, lo, mid)
+        a = c0 - k0 * (0.5 * (lo + hi))
+        f = a + k0 * torch.tanh(a) - c0
+        for _ in range(2):
+            t = torch.tanh(a)
+            a_new = a - f / planar_log_det(t, q0).exp()
+            f_new = a_new + k0 * torch.tanh(a_new) - c0
+            better = f_new.abs() < f.abs()
+            a, f = torch.where(better, a_new, a), torch.where(better, f_new, f)
+    return _planar_ift(a, c, q, k)
 
 
 def planar_call(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
