@@ -213,7 +213,9 @@ def sylvester_push_score(x, score, A, B, b, q, W) -> Tuple[torch.Tensor, torch.T
     # N = I + W^T H: lower triangular, N_ij = W_ji h'_j below the diagonal, N_ii = det_i
     N = W.transpose(-1, -2).tril(-1) * hp.unsqueeze(-2) + torch.diag_embed(det)
     rhs = _vecmat(s, A)  # A^T s
-    N, rhs = torch.broadcast_tensors(N, rhs.unsqueeze(-1))
+    batch = torch.broadcast_shapes(N.shape[:-2], rhs.shape[:-1])
+    M = rhs.shape[-1]
+    N, rhs = N.expand(batch + (M, M)), rhs.unsqueeze(-1).expand(batch + (M, 1))
     w = torch.linalg.solve_triangular(N, rhs, upper=False).squeeze(-1)
     return y, s - _vecmat(hp * w, B)
 
