@@ -25,6 +25,8 @@ from .helpers import (
     sylvester_flow,
 )
 from .infer import fit, fit_density
+from . import importance
+from .importance import ImportanceWarning, WeightedPosterior, importance_sample
 
 __version__ = "0.1.0"
 
@@ -32,6 +34,8 @@ __all__ = [
     "AutoNormalizingFlow",
     "AutoPlanarFlow",
     "AutoRadialFlow",
+    "ImportanceWarning",
+    "WeightedPosterior",
     "__version__",
     "conditional_planar",
     "conditional_planar_flow",
@@ -44,6 +48,8 @@ __all__ = [
     "fit_density",
     "guides",
     "helpers",
+    "importance",
+    "importance_sample",
     "infer",
     "planar",
     "planar_flow",

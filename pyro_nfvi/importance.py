@@ -80,8 +80,10 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive
 from pyro.infer.importance import vectorized_importance_weights
+from pyro.infer.util import plate_log_prob_sum
 from pyro.ops.stats import fit_generalized_pareto
-from pyro.poutine.util import prune_subsample_sites
+from pyro.poutine import Trace
+from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
 from .diagnostics import log_mean_exp
 
@@ -203,11 +205,9 @@ def _psis_smooth(lw: torch.Tensor) -> Tuple[torch.Tensor, float, str]:
         return lw.clone(), float(k) if math.isfinite(k) else float("inf"), ""
     p = (torch.arange(1, num_tail + 1, dtype=torch.float64) - 0.5) / num_tail
     smoothed_tail = (cutoff + _gpd_quantile(p, k, sigma)).clamp(max=1.0)  # max raw w = 1
-    x = x.clone()
-    x[n - num_tail :] = smoothed_tail.log()
-    out = torch.empty_like(x)
-    out[order] = x
-    return out + shift, float(k), ""
+    out = lw.clone()  # the body keeps its exact values
+    out[order[n - num_tail :]] = smoothed_tail.log() + shift
+    return out, float(k), ""
 
 
 class WeightedPosterior:
@@ -231,7 +231,9 @@ class WeightedPosterior:
     * ``log_evidence``, ``log_evidence_se``: :math:`\log \frac1S \sum_s w_s` of the raw
       weights (an estimate of :math:`\log p(x)`, a lower bound in expectation: the IWAE
       bound) and its delta-method standard error;
-    * ``elbo``, ``elbo_se``: the mean raw log weight and its standard error.
+    * ``elbo``, ``elbo_se``: the mean raw log weight and its standard error;
+    * ``vectorized``: whether :func:`importance_sample` drew in vectorised passes (None
+      for a posterior built directly).
 
     :param samples: dict site name → tensor with ``S`` rows.
     :param log_weights: ``(S,)`` raw log importance weights.
@@ -267,6 +269,7 @@ class WeightedPosterior:
         if not smooth:
             smoothed = lw
         self.smoothed = smooth
+        self.vectorized: Optional[bool] = None
         self.log_weights = smoothed - torch.logsumexp(smoothed, 0)
         self.ess = float(torch.exp(-torch.logsumexp(2 * self.log_weights, 0)))
         self.ess_fraction = self.ess / n
@@ -460,13 +463,14 @@ class WeightedPosterior:
         self,
         model: Callable,
         *args: Any,
-        return_sites: Optional[Sequence[str]] = None,
+        return_sites: Optional[Sequence[str]] = (),
         parallel: bool = False,
         **kwargs: Any,
     ) -> Dict[str, torch.Tensor]:
         """``Predictive(model, posterior_samples=self.samples, ...)(*args, **kwargs)``: one
         output row per weighted draw, so that ``post.mean(out["obs"])`` is a weighted
-        posterior-predictive mean. (For unweighted predictive draws use
+        posterior-predictive mean. ``return_sites`` and ``parallel`` as in Predictive
+        (default: every site not in ``samples``). (For unweighted predictive draws use
         ``Predictive(model, posterior_samples=post.resample(n))``.)"""
         pred = Predictive(
             model, posterior_samples=self.samples, return_sites=return_sites, parallel=parallel
@@ -517,9 +521,17 @@ def _reference(model, guide, args, kwargs):
     """One un-vectorised model/guide run: latent site names, shapes and event dims, and
     max_plate_nesting (as :func:`pyro_nfvi.diagnostics.evaluate_guide` guesses it)."""
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-    model_trace = prune_subsample_sites(
-        poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    )
+    full_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    # the plates' subsample sites of this run, to replay them in the checked vectorised
+    # pass: the guide's (replayed into the model from there) and the model's own
+    guide_plates, model_plates = Trace(), Trace()
+    for name, site in guide_trace.nodes.items():
+        if site_is_subsample(site):
+            guide_plates.add_node(name, **site)
+    for name, site in full_trace.nodes.items():
+        if site_is_subsample(site) and name not in guide_plates:
+            model_plates.add_node(name, **site)
+    model_trace = prune_subsample_sites(full_trace)
     latents = {
         name: (tuple(site["value"].shape), site["fn"].event_dim)
         for name, site in model_trace.nodes.items()
@@ -544,12 +556,21 @@ def _reference(model, guide, args, kwargs):
         for f in site["cond_indep_stack"]
         if f.vectorized and f.dim is not None
     ]
-    return latents, max(dims, default=0)
+    return latents, max(dims, default=0), (guide_plates, model_plates)
 
 
-def _draw_vectorized(model, guide, args, kwargs, n, latents, mpn):
+def _draw_vectorized(model, guide, args, kwargs, n, latents, mpn, subsample=None):
+    if subsample is not None:  # checked pass: the reference run's minibatch, to re-score
+        guide_plates, model_plates = subsample
+        guide = poutine.replay(guide, trace=guide_plates)
+        model = poutine.replay(model, trace=model_plates)
+        subsample = {
+            name: site["value"]
+            for tr in (guide_plates, model_plates)
+            for name, site in tr.nodes.items()
+        }
     with poutine.block():
-        lw, model_trace, _ = vectorized_importance_weights(
+        lw, model_trace, guide_trace = vectorized_importance_weights(
             model, guide, *args, num_samples=n, max_plate_nesting=mpn, **kwargs
         )
     lw = lw.detach().double().reshape(-1)
@@ -570,7 +591,29 @@ def _draw_vectorized(model, guide, args, kwargs, n, latents, mpn):
                 f"its shape {shape} with {n} particles"
             )
         samples[name] = v.reshape((n,) + shape)  # drops the plate padding dims
+    if subsample is not None and n > 1:
+        _check_vectorized(model, args, kwargs, model_trace, guide_trace, samples, n, subsample)
     return samples, lw
+
+
+def _check_vectorized(model, args, kwargs, model_trace, guide_trace, samples, n, subsample):
+    """A model that broadcasts its own tensors against the particle dim (e.g. a global
+    scale of shape (n, 1) meeting data of shape (N, D)) can run vectorised with the right
+    shapes and wrong numbers. Re-score two draws one at a time and compare log p(x, z)."""
+    log_p = plate_log_prob_sum(
+        model_trace, guide_trace.plate_to_symbol["num_particles_vectorized"]
+    ).detach().double().reshape(-1)
+    for i in (0, n - 1):
+        data = dict(subsample, **{name: value[i] for name, value in samples.items()})
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(model, data=data)).get_trace(*args, **kwargs)
+        ref = float(trace.log_prob_sum())
+        if not abs(ref - float(log_p[i])) <= 1e-3 + 1e-4 * abs(ref):
+            raise _VectorizeError(
+                f"the vectorised log p(x, z) of draw {i} is {float(log_p[i]):.6g}, a sequential "
+                f"run gives {ref:.6g}: the model broadcasts against the particle dim (write it "
+                "for vectorised particles, or pass vectorize=False)"
+            )
 
 
 def _draw_sequential(model, guide, args, kwargs, n, latents):
@@ -590,7 +633,7 @@ def _draw_sequential(model, guide, args, kwargs, n, latents):
 
 def _draw(model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize, batch_size):
     with poutine.block():
-        latents, guessed = _reference(model, guide, args, kwargs)
+        latents, guessed, subsample = _reference(model, guide, args, kwargs)
     mpn = guessed if max_plate_nesting is None else int(max_plate_nesting)
     if vectorize is not False:
         try:
@@ -599,14 +642,16 @@ def _draw(model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize,
             done = 0
             while done < num_samples:
                 m = min(chunk, num_samples - done)
-                parts.append(_draw_vectorized(model, guide, args, kwargs, m, latents, mpn))
+                # the first pass is checked against sequential runs
+                sub = subsample if done == 0 else None
+                parts.append(_draw_vectorized(model, guide, args, kwargs, m, latents, mpn, sub))
                 done += m
             samples = {name: torch.cat([p[0][name] for p in parts]) for name in latents}
-            return samples, torch.cat([p[1] for p in parts])
+            return samples, torch.cat([p[1] for p in parts]), True
         except Exception:
             if vectorize:
                 raise
-    return _draw_sequential(model, guide, args, kwargs, num_samples, latents)
+    return _draw_sequential(model, guide, args, kwargs, num_samples, latents) + (False,)
 
 
 def importance_sample(
@@ -639,8 +684,13 @@ def importance_sample(
 
     Draws are made in one vectorised pass over a particle plate (like
     :class:`~pyro.infer.Predictive` with ``parallel=True``) when the model and guide allow
-    it, else one model/guide run per draw (``vectorize=None``: try, then fall back).
-    Sites in subsampled plates are weighed with the subsample's scaled log-likelihood.
+    it, else one model/guide run per draw (``vectorize=None``: try, then fall back). The
+    vectorised pass is checked: two of its draws are re-scored by sequential model runs,
+    so a model that broadcasts its own tensors against the particle dim (right shapes,
+    wrong numbers) falls back to the sequential path (or raises, with ``vectorize=True``).
+    Sites in subsampled plates are weighed with the subsample's scaled log-likelihood
+    (all draws of one vectorised pass share a minibatch): noisy weights; use the full
+    data for exact ones.
 
     :param model: the Pyro model.
     :param guide: the guide (any callable with the model's arguments), e.g. a fitted
@@ -704,7 +754,7 @@ def importance_sample(
         raise TypeError("model and guide must be callables (a Pyro model and its guide)")
 
     with torch.no_grad():  # not a decorator: warnings point at the caller's line
-        samples, log_w = _draw(
+        samples, log_w, vectorized = _draw(
             model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize, batch_size
         )
     if torch.isnan(log_w).any() or (log_w == float("inf")).any():
@@ -713,5 +763,6 @@ def importance_sample(
             "where the model's density is undefined"
         )
     posterior = WeightedPosterior(samples, log_w, smooth=smooth, warn=False)
+    posterior.vectorized = vectorized
     posterior._warn(stacklevel=2)
     return posterior
