@@ -258,8 +258,9 @@ def test_plate_of_local_latents_with_model_param():
 def test_log_weights_match_an_independent_computation(vectorize):
     mean, sd = hier_exact()
     guide = hier_guide_factory(mean, sd)
-    post = importance_sample(hier_model, guide, Y, num_samples=60, vectorize=vectorize,
-                             batch_size=25 if vectorize else None)
+    post = quiet(importance_sample, hier_model, guide, Y, num_samples=60, vectorize=vectorize,
+                 batch_size=25 if vectorize else None)
+    assert post.vectorized is vectorize
     mu, theta = post.samples["mu"].double(), post.samples["theta"].double()
     log_p = (
         dist.Normal(0.0, 5.0).log_prob(mu)
