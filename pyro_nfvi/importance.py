@@ -268,7 +268,7 @@ class WeightedPosterior:
         smoothed, self.khat, self._khat_note = _psis_smooth(lw)
         if not smooth:
             smoothed = lw
-        self.smoothed = smooth
+        self.smooth = smooth
         self.vectorized: Optional[bool] = None
         self.log_weights = smoothed - torch.logsumexp(smoothed, 0)
         self.ess = float(torch.exp(-torch.logsumexp(2 * self.log_weights, 0)))
@@ -347,7 +347,7 @@ class WeightedPosterior:
         return fn(self._values(site))
 
     def _w(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weights.reshape((-1,) + (1,) * (x.dim() - 1))
+        return self.weights.to(x.device).reshape((-1,) + (1,) * (x.dim() - 1))
 
     @staticmethod
     def _out(result: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -361,7 +361,7 @@ class WeightedPosterior:
         xd = x.double()
         m = (w * xd).sum(0)
         # unbiased for reliability weights: divide by 1 - sum w^2 (= (S-1)/S for equal w)
-        denom = max(1.0 - float((self.weights**2).sum()), 1e-300)
+        denom = max(1.0 - float(torch.exp(2 * self.log_weights).sum()), 1e-300)
         return self._out((w * (xd - m) ** 2).sum(0) / denom, x)
 
     def mean(self, site: Site = None):
@@ -393,11 +393,13 @@ class WeightedPosterior:
         return self._per_site(fn, site)
 
     def quantile(self, q: Union[float, Sequence[float], torch.Tensor], site: Site = None):
-        r"""Weighted quantiles: the weighted empirical CDF with mass :math:`\bar w_s` at
-        each draw, interpolated linearly between the midpoints
-        :math:`\sum_{r<s} \bar w_{(r)} + \bar w_{(s)}/2` of the sorted draws (Hazen's rule,
-        type 5 of Hyndman & Fan, when the weights are equal). Output shape: ``q``'s shape +
-        the site's shape, as :func:`torch.quantile`.
+        r"""Weighted quantiles: the inverse of the weighted empirical CDF, the draw
+        :math:`z_{(i)}` with the smallest :math:`i` such that
+        :math:`\sum_{r \le i} \bar w_{(r)} \ge q` (draws sorted per element; type 1 of
+        Hyndman & Fan when the weights are equal). There is no interpolation between
+        draws, so draws of negligible weight (far in the guide's tails, as importance
+        weighting produces) never move a quantile. Output shape: ``q``'s shape + the
+        site's shape, as :func:`torch.quantile`.
 
         :param q: probability or probabilities in [0, 1].
         """
@@ -407,20 +409,15 @@ class WeightedPosterior:
 
         def fn(x: torch.Tensor) -> torch.Tensor:
             n = x.shape[0]
-            flat = x.double().reshape(n, -1)
+            flat = x.reshape(n, -1)
             xs, idx = torch.sort(flat, 0)
-            ws = self.weights[idx]
-            mid = (torch.cumsum(ws, 0) - 0.5 * ws).T.contiguous()  # (E, n), nondecreasing
-            xs = xs.T.contiguous()
-            qs = qt.reshape(1, -1).expand(mid.shape[0], -1).contiguous()
-            j = torch.searchsorted(mid, qs)
-            lo, hi = (j - 1).clamp(0, n - 1), j.clamp(0, n - 1)
-            m_lo, m_hi = mid.gather(1, lo), mid.gather(1, hi)
-            x_lo, x_hi = xs.gather(1, lo), xs.gather(1, hi)
-            gap = m_hi - m_lo
-            t = torch.where(gap > 0, (qs - m_lo) / gap.clamp(min=1e-300), torch.zeros_like(gap))
-            res = (x_lo + t.clamp(0, 1) * (x_hi - x_lo)).T  # (Q, E)
-            return self._out(res.reshape(qt.shape + x.shape[1:]), x)
+            cw = torch.cumsum(self.weights.to(x.device)[idx], 0)
+            cw = (cw / cw[-1:]).T.contiguous()  # (E, n), nondecreasing, ends at exactly 1
+            # q = 0: the smallest draw of positive weight
+            qs = qt.to(x.device).clamp(min=1e-300).reshape(1, -1).expand(cw.shape[0], -1)
+            j = torch.searchsorted(cw, qs.contiguous()).clamp(max=n - 1)  # (E, Q)
+            res = xs.T.gather(1, j).T  # (Q, E)
+            return res.reshape(qt.shape + x.shape[1:])
 
         return self._per_site(fn, site)
 
@@ -738,10 +735,12 @@ def importance_sample(
     num_samples = int(num_samples)
     if not isinstance(smooth, bool):
         raise TypeError(f"smooth must be a bool, got {smooth!r}")
-    if vectorize not in (None, True, False):
+    if vectorize is not None and not isinstance(vectorize, bool):
         raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}")
     if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
+        isinstance(batch_size, bool)
+        or not isinstance(batch_size, numbers.Integral)
+        or batch_size < 1
     ):
         raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
     if max_plate_nesting is not None and (

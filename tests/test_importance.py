@@ -234,7 +234,8 @@ def hier_guide_factory(mean, sd):
     def guide(y=None):
         pyro.sample("mu", dist.Normal(float(mean[0]) + 0.5 * float(sd[0]), 1.5 * float(sd[0])))
         with pyro.plate("groups", J):
-            pyro.sample("theta", dist.Normal((mean[1:] - 0.5 * sd[1:]).float(), 1.5 * sd[1:].float()))
+            loc, scale = (mean[1:] - 0.5 * sd[1:]).float(), 1.5 * sd[1:].float()
+            pyro.sample("theta", dist.Normal(loc, scale))
 
     return guide
 
@@ -469,10 +470,22 @@ def test_equal_weights_reduce_to_plain_sample_statistics():
     torch.testing.assert_close(post.mean("z"), z.mean(0))
     torch.testing.assert_close(post.std("z"), z.std(0))
     qs = [0.0, 0.1, 0.25, 0.5, 0.9, 1.0]
-    expected = np.quantile(z.numpy(), qs, axis=0, method="hazen")
+    expected = np.quantile(z.numpy(), qs, axis=0, method="inverted_cdf")
     np.testing.assert_allclose(post.quantile(qs, "z").numpy(), expected, rtol=1e-12)
     text = post.summary()
     assert "z[0]" in text and "z[1]" in text and "95.0%" in text
+
+
+def test_weighted_quantiles_ignore_zero_weight_draws():
+    # draws 0..9; the heavy ones are 3 (weight 0.5) and 6 (0.5), the rest weigh ~nothing
+    lw = torch.full((10,), -800.0).double()
+    lw[3] = lw[6] = 0.0
+    post = WeightedPosterior({"v": torch.arange(10.0)}, lw, smooth=False, warn=False)
+    got = post.quantile([0.0, 0.3, 0.49, 0.51, 0.99, 1.0], "v")
+    assert got.tolist() == [3.0, 3.0, 3.0, 6.0, 6.0, 6.0]
+    lw[lw < 0] = -30.0  # tiny but positive weights: only the extreme probabilities see them
+    post = WeightedPosterior({"v": torch.arange(10.0)}, lw, smooth=False, warn=False)
+    assert post.quantile([0.01, 0.49, 0.51, 0.99], "v").tolist() == [3.0, 3.0, 6.0, 6.0]
 
 
 def test_package_exports_and_doctests():
