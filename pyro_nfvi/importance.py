@@ -132,7 +132,7 @@ def _check_log_weights(log_weights: Any, name: str = "log_weights") -> torch.Ten
             f"{name} must be a 1-D tensor of shape (num_samples,) with num_samples >= 2, "
             f"got shape {tuple(log_weights.shape)}"
         )
-    lw = log_weights.detach().double()
+    lw = log_weights.detach().double().cpu()  # (S,) numbers: the tail fit runs on the CPU
     if torch.isnan(lw).any() or (lw == float("inf")).any():
         raise ValueError(f"{name} contains NaN or +inf")
     if not torch.isfinite(lw).any():
@@ -221,7 +221,7 @@ class WeightedPosterior:
     * ``samples``: dict site → tensor ``(S, *site_shape)`` (sample dim first, the
       layout of :class:`~pyro.infer.Predictive`'s ``posterior_samples`` and of
       ``MCMC.get_samples()``);
-    * ``raw_log_weights``: ``(S,)`` unnormalised log weights (``float64``);
+    * ``raw_log_weights``: ``(S,)`` unnormalised log weights (``float64``, on the CPU);
     * ``log_weights``: ``(S,)`` normalised (``logsumexp = 0``) log weights, Pareto
       smoothed if ``smooth``; ``weights`` is their ``exp``;
     * ``khat``: Pareto :math:`\hat k` (≤ 0.5 good, 0.5–0.7 borderline, > 0.7 unreliable);
