@@ -106,7 +106,7 @@ class ImportanceWarning(UserWarning):
 
 def khat_threshold(num_samples: int) -> float:
     r"""The largest reliable Pareto :math:`\hat k` for ``num_samples`` draws,
-    :math:`\min(1 - 1/\log_{10} S,\ 0.7)` (Vehtari et al. 2024, §3.2.4): 0.7 from
+    :math:`\min(1 - 1/\log_{10} S,\ 0.7)` (Vehtari et al. 2024): 0.7 from
     :math:`S \approx 2200` draws on, lower for fewer draws.
 
     >>> khat_threshold(4000), round(khat_threshold(100), 3)
@@ -760,6 +760,11 @@ def importance_sample(
         raise ValueError(
             "log p(x, z) - log q(z) is NaN or +inf for some draws: the guide puts mass "
             "where the model's density is undefined"
+        )
+    if all(bool((v == v[:1]).all()) for v in samples.values()):
+        raise ValueError(
+            "every draw of the guide is the same point (a point mass such as AutoDelta): "
+            "importance weighting needs a guide with a density that covers the posterior"
         )
     posterior = WeightedPosterior(samples, log_w, smooth=smooth, warn=False)
     posterior.vectorized = vectorized

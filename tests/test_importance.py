@@ -14,6 +14,7 @@ import scipy.stats
 import torch
 from pyro.infer import Predictive
 from pyro.infer.autoguide import (
+    AutoDelta,
     AutoIAFNormal,
     AutoMultivariateNormal,
     AutoNormal,
@@ -477,6 +478,8 @@ def test_bad_input():
                           lambda: None)
     with pytest.raises(ValueError, match="does not sample.*'mu'"):
         importance_sample(normal_model, lambda x: None, X)
+    with pytest.raises(ValueError, match="point mass"):
+        importance_sample(normal_model, AutoDelta(normal_model), X, num_samples=10)
     post = importance_sample(normal_model, normal_guide_at(POST_MEAN, 1.3 * POST_SD), X,
                              num_samples=100)
     with pytest.raises(ValueError, match="unknown site 'nope'"):
