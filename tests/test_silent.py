@@ -175,3 +175,215 @@ def test_traced_planar_inverse_generalises():
     traced = torch.jit.trace(lambda y: stack.inv(y), (torch.zeros(2, 2),), check_trace=False)
     y2 = 10 * torch.randn(50, 2, generator=torch.Generator().manual_seed(1))
     assert torch.allclose(stack(traced(y2)), y2, atol=1e-4, rtol=1e-5)
+
+
+# --- item 4: JitTrace_ELBO with a flow inside the model ------------------------------------
+
+def _flow_factories():
+    from pyro_nfvi.transforms import Planar, Radial, StackedPlanar, StackedRadial
+
+    return {
+        "planar": lambda: Planar(2),
+        "stacked_planar": lambda: StackedPlanar(2, 3),
+        "radial": lambda: Radial(2),
+        "stacked_radial": lambda: StackedRadial(2, 3),
+    }
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("kind", ["planar", "stacked_planar", "radial", "stacked_radial"])
+def test_jit_trace_elbo_with_flow_in_model(kind):
+    """An observed site whose distribution is a flow: maximum likelihood of the flow's
+    parameters. JitTrace_ELBO must give the same losses and updates as Trace_ELBO."""
+    make = _flow_factories()[kind]
+    data = torch.randn(20, 2, generator=torch.Generator().manual_seed(0)) * 1.5 + 1.0
+    runs = {}
+    for name, elbo in (("eager", Trace_ELBO()), ("jit", JitTrace_ELBO(ignore_jit_warnings=True))):
+        pyro.clear_param_store()
+        torch.manual_seed(3)
+        flow = make()
+
+        def model(data):
+            pyro.module("flow", flow)
+            base = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+            with pyro.plate("n", len(data)):
+                pyro.sample("x", dist.TransformedDistribution(base, [flow]), obs=data)
+
+        def guide(data):
+            pass
+
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.05}), elbo)
+        runs[name] = [svi.step(data) for _ in range(4)]
+    assert runs["eager"][-1] < runs["eager"][0]
+    assert runs["jit"] == pytest.approx(runs["eager"], rel=1e-5, abs=1e-4)
+
+
+# --- item 3: integer/bool input promoted, complex input rejected ---------------------------
+
+def _all_flows(dtype=torch.float64):
+    from pyro.nn import DenseNN
+
+    from pyro_nfvi.transforms import (
+        ConditionalPlanar, ConditionalRadial, ConditionalStackedPlanar, ConditionalStackedRadial,
+    )
+
+    torch.manual_seed(0)
+    flows = {k: f().to(dtype) for k, f in _flow_factories().items()}
+    ctx = torch.randn(3, 4, dtype=dtype)
+    flows["cond_planar"] = ConditionalPlanar(DenseNN(4, [8], param_dims=[1, 2, 2]).to(dtype)).condition(ctx)
+    flows["cond_radial"] = ConditionalRadial(DenseNN(4, [8], param_dims=[2, 1, 1]).to(dtype)).condition(ctx)
+    flows["cond_stacked_planar"] = ConditionalStackedPlanar(
+        DenseNN(4, [8], param_dims=[3, 6, 6]).to(dtype), input_dim=2).condition(ctx)
+    flows["cond_stacked_radial"] = ConditionalStackedRadial(
+        DenseNN(4, [8], param_dims=[6, 3, 3]).to(dtype), input_dim=2).condition(ctx)
+    return flows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_integer_and_bool_inputs_are_promoted(dtype):
+    ints = torch.tensor([[1, 2], [-3, 0], [4, -1]])
+    bools = torch.tensor([[True, False], [False, False], [True, True]])
+    for name, flow in _all_flows(dtype).items():
+        for data in (ints, bools):
+            ref = data.to(dtype)
+            for out, expected in (
+                (flow(data), flow(ref)),
+                (flow.inv(data), flow.inv(ref)),
+                (flow.log_abs_det_jacobian(data, flow(ref)), flow.log_abs_det_jacobian(ref, flow(ref))),
+            ):
+                assert out.dtype == dtype, name
+                assert torch.allclose(out, expected), name
+            if hasattr(flow, "call_and_ladj"):
+                y, ladj = flow.call_and_ladj(data)
+                assert y.dtype == dtype and torch.allclose(y, flow(ref)), name
+
+
+def test_log_prob_of_integer_data():
+    from pyro_nfvi.transforms import Planar, StackedRadial
+
+    torch.manual_seed(0)
+    for flow in (Planar(3), StackedRadial(3, 2)):
+        q = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [flow])
+        data = torch.tensor([[1, 2, 3], [0, -1, 2]])
+        assert torch.allclose(q.log_prob(data), q.log_prob(data.float()))
+
+
+def test_complex_input_is_a_type_error():
+    z = torch.tensor([[1.0 + 1j, 2.0 - 1j]])
+    for name, flow in _all_flows().items():
+        with pytest.raises(TypeError, match=r"\bx\b.*complex"):
+            flow(z)
+        with pytest.raises(TypeError, match=r"\by\b.*complex"):
+            flow.inv(z)
+
+
+# --- item 6: radial precision, scale-safe norm, caches, context shapes ---------------------
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_radial_float32_tiny_alpha_log_prob(stacked):
+    from pyro_nfvi.transforms import Radial, StackedRadial
+
+    make = (lambda: StackedRadial(3, 2)) if stacked else (lambda: Radial(3))
+    f32 = make()
+    with torch.no_grad():
+        f32.alpha_prime.fill_(math.log(math.expm1(2e-9)))  # alpha = 2e-9
+        f32.beta_prime.fill_(0.5)
+        f32.x0.copy_(torch.tensor([0.3, -0.2, 0.1]))
+    f64 = make().double()
+    f64.load_state_dict({k: v.double() for k, v in f32.state_dict().items()})
+    q32 = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1.0).to_event(1), [f32])
+    q64 = dist.TransformedDistribution(
+        dist.Normal(torch.zeros(3, dtype=torch.float64), 1.0).to_event(1), [f64])
+    g = torch.Generator().manual_seed(0)
+    y = torch.tensor([0.3, -0.2, 0.1]) + torch.logspace(-9, 0, 200)[:, None] * torch.randn(200, 3, generator=g)
+    err = (q32.log_prob(y).double() - q64.log_prob(y.double())).abs().max()
+    assert err < 1e-3
+
+
+@pytest.mark.parametrize("kind", ["radial", "stacked_radial"])
+def test_radial_huge_inputs_float32(kind):
+    torch.manual_seed(0)
+    flow = _flow_factories()[kind]()
+    x = torch.tensor([[3e19, 1e19], [1e30, -2e30], [0.5, -1.0]], requires_grad=True)
+    y, ladj = flow.call_and_ladj(x)
+    assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+    assert ladj[:2].abs().max() < 1e-3  # far from the centre the map is a translation
+    (y.sum() + ladj.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    xi = flow.inv(y.detach())
+    assert torch.isfinite(xi).all() and torch.allclose(xi, x.detach(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["planar", "stacked_planar", "radial", "stacked_radial"])
+@pytest.mark.parametrize("change", ["data_add_", "data_assign", "optimizer"])
+def test_caches_follow_parameter_changes(kind, change):
+    torch.manual_seed(0)
+    flow = _flow_factories()[kind]().double()
+    x = torch.randn(5, 2, dtype=torch.float64)
+    y = flow(x)
+    assert flow.inv(y) is x  # the cache answers while nothing changed
+    p = next(iter(flow.parameters()))
+    if change == "data_add_":
+        p.data.add_(0.3)
+    elif change == "data_assign":
+        p.data = p.data + 0.3
+    else:
+        with torch.no_grad():
+            p.add_(0.3)
+    fresh = _flow_factories()[kind]().double()
+    fresh.load_state_dict(flow.state_dict())
+    assert torch.allclose(flow(x), fresh.call_and_ladj(x)[0])
+    assert torch.allclose(flow.inv(y), fresh.inv(y.clone()))
+    y2 = flow(x)
+    assert torch.allclose(flow.log_abs_det_jacobian(x, y2), fresh.call_and_ladj(x)[1])
+
+
+@pytest.mark.parametrize("kind", ["planar", "stacked_planar", "radial", "stacked_radial"])
+def test_caches_follow_in_place_changes_of_samples(kind):
+    torch.manual_seed(0)
+    flow = _flow_factories()[kind]().double().requires_grad_(False)
+    x = torch.randn(5, 2, dtype=torch.float64)
+    y = flow(x)
+    y.mul_(2.0)  # the sample changed in place: inv(y) must invert the new values
+    assert torch.allclose(flow(flow.inv(y)), y)
+    x2 = torch.randn(5, 2, dtype=torch.float64)
+    y2 = flow(x2)
+    x2.add_(1.0)
+    assert torch.allclose(flow(x2), flow.call_and_ladj(x2.clone())[0])
+    assert torch.allclose(flow.log_abs_det_jacobian(x2, y2), flow.call_and_ladj(x2.clone())[1])
+
+
+def test_context_batch_mismatch_is_a_value_error():
+    flows = _all_flows()  # contexts of batch shape (3,)
+    for name in ("cond_planar", "cond_radial", "cond_stacked_planar", "cond_stacked_radial"):
+        flow = flows[name]
+        for call in (flow, flow.inv, lambda v: flow.call_and_ladj(v)):
+            with pytest.raises(ValueError, match=r"\(7, 2\).*\(3,\)"):
+                call(torch.randn(7, 2, dtype=torch.float64))
+        assert flow(torch.randn(3, 2, dtype=torch.float64)).shape == (3, 2)
+        assert flow(torch.randn(4, 3, 2, dtype=torch.float64)).shape == (4, 3, 2)
+
+
+# --- item 9 (transform part): orientation sign, torch.jit.trace_module ---------------------
+
+@pytest.mark.filterwarnings("ignore")
+def test_trace_module_holding_flows():
+    flows = _all_flows(torch.float32)
+    for name, flow in flows.items():
+        assert flow.sign == 1 and flow.inv.sign == 1, name
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = flows["stacked_planar"].requires_grad_(False)
+            self.b = flows["radial"].requires_grad_(False)
+            self.c = flows["planar"].requires_grad_(False)
+
+        def forward(self, x):
+            return self.c(self.b(self.a(x)))
+
+    m = Holder()
+    x = torch.randn(4, 2)
+    traced = torch.jit.trace_module(m, {"forward": x})
+    x2 = torch.randn(6, 2)
+    assert torch.allclose(traced(x2), m(x2), atol=1e-5)

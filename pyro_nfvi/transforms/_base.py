@@ -34,14 +34,48 @@ def check_hidden_dims(hidden_dims) -> list:
     return hidden_dims
 
 
-def check_event(x: torch.Tensor, input_dim: int, name: str = "x") -> None:
+def as_real_input(x: torch.Tensor, name: str = "x", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x`` as a floating tensor: integer and bool inputs are promoted to ``dtype`` (the
+    parameters' floating dtype; default ``torch.get_default_dtype()``) instead of being
+    truncated by the arithmetic; complex inputs raise ``TypeError`` naming ``name``.
+    The one place where every transform of this package checks an input's dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.is_floating_point():
+        return x
+    if x.is_complex():
+        raise TypeError(f"{name} must be a real tensor, got complex dtype {x.dtype}")
+    if dtype is None or not dtype.is_floating_point:
+        dtype = torch.get_default_dtype()
+    return x.to(dtype)
+
+
+def check_event(
+    x: torch.Tensor,
+    input_dim: int,
+    name: str = "x",
+    dtype: Optional[torch.dtype] = None,
+    batch_shape: Optional[torch.Size] = None,
+) -> torch.Tensor:
+    """Check ``x`` of shape ``(..., input_dim)`` and return it as a floating tensor (see
+    :func:`as_real_input`). ``batch_shape``: the parameters' batch shape (from a context),
+    which must broadcast against the batch shape of ``x``."""
+    x = as_real_input(x, name, dtype)
     if x.dim() < 1 or x.shape[-1] != input_dim:
         raise ValueError(
             f"{name} must have shape (..., {input_dim}) (last dim = input_dim), "
             f"got shape {tuple(x.shape)}"
         )
+    if batch_shape:
+        try:
+            torch.broadcast_shapes(x.shape[:-1], batch_shape)
+        except RuntimeError:
+            raise ValueError(
+                f"{name} of shape {tuple(x.shape)} (batch shape {tuple(x.shape[:-1])}) does not "
+                f"broadcast against the parameters' batch shape {tuple(batch_shape)} (from the "
+                f"context): row i of the context transforms row i of {name}"
+            ) from None
+    return x
 
 
 def check_context(context: torch.Tensor, context_dim: Optional[int]) -> None:
@@ -60,56 +94,124 @@ def nn_context_dim(nn: torch.nn.Module) -> Optional[int]:
     return dim if isinstance(dim, int) else None
 
 
+def _no_value_checks() -> bool:
+    """Tracing, compiling or a ``torch.func`` transform: tensors there are symbolic or
+    batched, so cache entries cannot be compared by value."""
+    from ._fused import _functorch_active
+
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active()
+
+
+class _CacheEntry:
+    """One ``x <-> y`` pair (and log|det J| when it came from a forward pass) with what
+    makes it valid: the version counters of ``x`` and ``y`` (bumped by every in-place
+    change of a sample) and a copy of the parameters' values (``p.data.add_(...)`` and
+    ``p.data = ...`` bypass version counters, so only values tell)."""
+
+    __slots__ = ("x", "y", "ladj", "versions", "params", "symbolic", "forward")
+
+    def __init__(self, x, y, ladj, params, forward: bool):
+        self.x, self.y, self.ladj, self.forward = x, y, ladj, forward
+        self.symbolic = _no_value_checks()
+        if self.symbolic:
+            self.versions, self.params = None, None
+        else:
+            self.versions = (x._version, y._version)
+            self.params = tuple(p.detach().clone() for p in params)
+
+    def valid(self, params) -> bool:
+        if _no_value_checks():
+            # inside one trace only pairs made by a forward pass of that trace are safe:
+            # anything else would be baked into the trace as a constant
+            return self.symbolic and self.forward
+        if self.symbolic or self.versions != (self.x._version, self.y._version):
+            return False
+        params = tuple(params)
+        return len(params) == len(self.params) and all(
+            a.shape == p.shape and torch.equal(a, p.detach()) for a, p in zip(self.params, params)
+        )
+
+
 class LadjCacheMixin(Transform):
-    """Keeps the log|det J| computed with the last forward pass, and keeps caches honest.
+    """Keeps the last ``x <-> y`` pair with its log|det J|, and keeps that cache honest.
 
     Subclasses implement ``call_and_ladj(x) -> (y, ladj)``. Scoring a sample that was
     just drawn (``TransformedDistribution.rsample`` then ``log_prob``) then costs one
     pass, as in Pyro; any other pair ``(x, y)`` is recomputed from ``x``.
 
-    torch's ``x <-> y`` cache is keyed on tensor identity only, so calling
-    ``log_prob(data)`` on the same ``data`` after an optimiser step would return the
-    inverse computed with the old parameters. For modules we also key the caches on the
-    parameters' version counters, which every in-place update (optimiser steps,
-    ``load_state_dict``) bumps.
+    torch's own cache is keyed on tensor identity only, so it answers with stale values
+    after an optimiser step, ``p.data.add_(...)``, ``p.data = ...`` or an in-place change
+    of the sample. Here a cached pair is used only while ``x`` and ``y`` are unmodified
+    (version counters) and the parameters equal, by value, those it was computed with.
+    Under tracing/compiling/``torch.func`` only pairs from a forward pass of the same
+    trace are reused (never values computed outside it, which would become constants).
+
+    Integer/bool inputs are promoted to the parameters' floating dtype and complex ones
+    rejected (:func:`as_real_input`).
     """
 
-    _cached_ladj_xy: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-    _param_key: Optional[tuple] = None
+    _nfvi_cache: Optional[_CacheEntry] = None
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def _check_param_versions(self) -> None:
-        if not isinstance(self, torch.nn.Module):
-            return
-        # direct parameters only: the flows own no submodules, and this runs every call
-        key = tuple(p._version for p in self._parameters.values())
-        if key != self._param_key:
-            self._param_key = key
-            self._cached_ladj_xy = None
-            if self._cache_size:
-                self._cached_x_y = None, None
+    def _param_tensors(self):
+        """The tensors the map depends on: the module's own parameters, or those of the
+        module whose method supplies the parameters (a conditioned hypernetwork)."""
+        if isinstance(self, torch.nn.Module):
+            return self._parameters.values()  # the flows own no submodules
+        params = getattr(self, "_params", None)
+        owner = getattr(getattr(params, "func", None), "__self__", None)
+        if isinstance(owner, torch.nn.Module):
+            return owner.parameters()
+        if isinstance(params, (tuple, list)):
+            return [p for p in params if isinstance(p, torch.Tensor)]
+        return ()
+
+    def _float_dtype(self) -> Optional[torch.dtype]:
+        for p in self._param_tensors():
+            return p.dtype
+        return None
+
+    def _lookup(self, x=None, y=None) -> Optional[_CacheEntry]:
+        e = self._nfvi_cache
+        if e is None or (x is not None and e.x is not x) or (y is not None and e.y is not y):
+            return None
+        return e if e.valid(self._param_tensors()) else None
+
+    def _store(self, x, y, ladj, forward: bool) -> None:
+        if self._cache_size:
+            self._nfvi_cache = _CacheEntry(x, y, ladj, self._param_tensors(), forward)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_param_versions()
-        return super().__call__(x)
-
-    def _inv_call(self, y: torch.Tensor) -> torch.Tensor:
-        self._check_param_versions()
-        return super()._inv_call(y)
-
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        y, ladj = self.call_and_ladj(x)
-        self._cached_ladj_xy = (x, y, ladj)
+        e = self._lookup(x=x) if self._cache_size else None
+        if e is not None:
+            return e.y
+        y, ladj = self.call_and_ladj(as_real_input(x, "x", self._float_dtype()))
+        self._store(x, y, ladj, forward=True)
         return y
 
+    def _inv_call(self, y: torch.Tensor) -> torch.Tensor:
+        e = self._lookup(y=y) if self._cache_size else None
+        if e is not None:
+            return e.x
+        y_in = as_real_input(y, "y", self._float_dtype())
+        inverse_and_ladj = getattr(self, "inverse_and_ladj", None)
+        if inverse_and_ladj is not None:  # log-det at the exact inverse (see radial)
+            x, ladj = inverse_and_ladj(y_in)
+        else:
+            x, ladj = self._inverse(y_in), None
+        self._store(x, y, ladj, forward=False)
+        return x
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        return self.call_and_ladj(x)[0]
+
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        self._check_param_versions()
-        cached = self._cached_ladj_xy
-        if cached is not None and cached[0] is x and cached[1] is y:
-            return cached[2]
-        return self.call_and_ladj(x)[1]
+        e = self._lookup(x=x, y=y)
+        if e is not None and e.ladj is not None:
+            return e.ladj
+        return self.call_and_ladj(as_real_input(x, "x", self._float_dtype()))[1]
 
 
 class ConditionedFlow(LadjCacheMixin):
@@ -119,6 +221,9 @@ class ConditionedFlow(LadjCacheMixin):
     domain = constraints.real_vector
     codomain = constraints.real_vector
     bijective = True
+    # orientation preserving (det J > 0). Defined, not inherited: Transform.sign raises
+    # NotImplementedError, which defeats hasattr() probing (torch.jit.trace_module)
+    sign = 1
 
     def __init__(self, params: Any, cache_size: int = 1):
         super().__init__(cache_size=cache_size)

@@ -242,6 +242,13 @@ class _FusedStack(torch.autograd.Function):
         xa = xa.reshape(-1, shape[-1])
         with np.errstate(all="ignore"):  # torch does not warn on overflow either
             y, ladj, saved = kernels[0](xp, xa, tha)
+            ctx.upcast = xp is np and xa.dtype == np.float32 and not np.isfinite(ladj).all()
+            if ctx.upcast:
+                # float32 squares overflow from |x| ~ 1e19 (radial r = inf, then NaN):
+                # rerun this call in float64, rounding only the results
+                xa, tha = xa.astype(np.float64), tha.astype(np.float64)
+                y, ladj, saved = kernels[0](xp, xa, tha)
+                y, ladj = y.astype(np.float32), ladj.astype(np.float32)
         ctx.save_for_backward(x, theta)  # for autograd's in-place modification check
         ctx.saved, ctx.inputs, ctx.kernels, ctx.shape = saved, (xa, tha), kernels, shape
         return _to_torch(xp, y.reshape(shape), ladj.reshape(shape[:-1]))
@@ -253,8 +260,12 @@ class _FusedStack(torch.autograd.Function):
             return _plain_backward(ctx, x, theta, gy, gl)
         xp, (gya, gla) = _namespace(gy, gl)
         (xa, tha), D = ctx.inputs, ctx.shape[-1]
+        if ctx.upcast:
+            gya, gla = gya.astype(np.float64), gla.astype(np.float64)
         with np.errstate(all="ignore"):
             g_x, g_th = ctx.kernels[1](xp, xa, tha, ctx.saved, gya.reshape(-1, D), gla.reshape(-1))
+        if ctx.upcast:
+            g_x, g_th = g_x.astype(np.float32), g_th.astype(np.float32)
         g_x, g_th = _to_torch(xp, g_x.reshape(ctx.shape), g_th)
         return g_x, g_th, None
 

@@ -81,12 +81,26 @@ def radial_ab(alpha_prime, beta_prime, xp=torch):
     return alpha, s - alpha, s
 
 
+def radial_norm(d: torch.Tensor) -> torch.Tensor:
+    """``‖d‖`` over the last dim (kept). In low precision the squares are summed in
+    float64: in float32 ``d²`` overflows from ``|d| ≈ 2e19`` (``r = inf`` then gives NaN)."""
+    if d.dtype in (torch.float16, torch.bfloat16, torch.float32) and d.device.type != "mps":
+        return torch.linalg.vector_norm(d, dim=-1, keepdim=True, dtype=torch.float64).to(d.dtype)
+    return torch.linalg.vector_norm(d, dim=-1, keepdim=True)
+
+
 def radial_log_det(r, alpha, s, input_dim: int, xp=torch):
-    """Log-det of the radial map at distance ``r`` from the centre:
-    ``(D-1)(log(s+r) - log(alpha+r)) + log(alpha s + 2 alpha r + r²) - 2 log(alpha+r)``."""
+    """Log-det of the radial map at distance ``r`` from the centre, with
+    ``h = 1/(alpha + r)``:
+    ``(D-1)(log(s+r) - log(alpha+r)) + log(alpha h · s h + r h (2 alpha h + r h))``.
+
+    The last term is ``log((alpha s + 2 alpha r + r²) / (alpha + r)²)`` with every factor
+    scaled by ``h`` first: positive terms only (no cancellation as ``beta -> -alpha``)
+    and no overflow of ``r²`` for large ``r``."""
     tiny = xp.finfo(r.dtype).tiny
-    log_ar = xp.log(maximum(xp, alpha + r, tiny))
-    ld = xp.log(maximum(xp, alpha * s + r * (2 * alpha + r), tiny)) - 2 * log_ar
+    a = maximum(xp, alpha + r, tiny)
+    ah, rh = alpha / a, r / a
+    ld = xp.log(maximum(xp, ah * (s / a) + rh * (2 * ah + rh), tiny))
     if input_dim > 1:
-        ld = ld + (input_dim - 1) * (xp.log(maximum(xp, s + r, tiny)) - log_ar)
+        ld = ld + (input_dim - 1) * (xp.log(maximum(xp, s + r, tiny)) - xp.log(a))
     return ld

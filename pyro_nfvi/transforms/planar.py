@@ -184,12 +184,12 @@ class ConditionedPlanar(ConditionedFlow):
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
         bias, u, w = _unpack_planar(self._params)
-        check_event(x, w.shape[-1])
+        x = check_event(x, w.shape[-1], dtype=w.dtype, batch_shape=w.shape[:-1])
         return planar_call(x, bias, u, w)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         bias, u_hat, w, q = self._planar_params()
-        check_event(y, w.shape[-1], "y")
+        y = check_event(y, w.shape[-1], "y", dtype=w.dtype, batch_shape=w.shape[:-1])
         return planar_inverse(y, bias, u_hat, w, q)
 
 
@@ -327,12 +327,12 @@ class ConditionedStackedPlanar(ConditionedFlow):
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
         bias, u, w = _unpack_stacked_planar(self._params)
-        check_event(x, w.shape[-1])
+        x = check_event(x, w.shape[-1], dtype=w.dtype, batch_shape=w.shape[:-2])
         return stacked_planar(x, bias, u, w)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         bias, u_hat, w, q = self._planar_params()
-        check_event(y, w.shape[-1], "y")
+        y = check_event(y, w.shape[-1], "y", dtype=w.dtype, batch_shape=w.shape[:-2])
         for k in reversed(range(w.shape[-2])):
             y = planar_inverse(y, bias[..., k, :], u_hat[..., k, :], w[..., k, :], q[..., k, :])
         return y
@@ -397,7 +397,7 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass (compiled if ``compile=True``)."""
-        check_event(x, self.input_dim)
+        x = check_event(x, self.input_dim, dtype=self.theta.dtype)
         return run_compiled(self, stacked_planar_packed, x, self.theta)
 
     def reset_parameters(self, near_identity: bool = False) -> None:

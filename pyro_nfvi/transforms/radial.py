@@ -31,7 +31,7 @@ import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
 from ._fused import radial_stack, run_compiled, use_fused
-from ._math import radial_ab, radial_log_det
+from ._math import radial_ab, radial_log_det, radial_norm
 from ._base import (
     ConditionalFlow,
     ConditionedFlow,
@@ -66,17 +66,35 @@ def radial_inverse_radius(gamma, alpha, s) -> torch.Tensor:
 def radial_inverse(y, x0, alpha, s) -> torch.Tensor:
     """Exact inverse of one radial layer with constrained ``alpha`` and ``s = alpha + beta``:
     ``x = x0 + (y - x0) (alpha + r) / (s + r)`` with ``r`` from :func:`radial_inverse_radius`."""
-    diff = y - x0
-    gamma = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-    r = radial_inverse_radius(gamma, alpha, s)
-    return x0 + diff * ((alpha + r) / (s + r))
+    return radial_inverse_and_ladj(y, x0[..., None, :], alpha[..., None, :], s[..., None, :])[0]
+
+
+def radial_inverse_and_ladj(y, x0, alpha, s) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(x, log|det J(x)|)`` for ``x`` the inverse of ``K`` radial layers stacked along
+    dim -2 (layer ``k`` is ``[..., k, :]``, applied last-to-first).
+
+    Low-precision inputs are solved in float64, and the log-det is taken from the radii
+    of the solve (before ``x`` is rounded): with a tiny ``alpha`` the log-det near the
+    centre changes by nats when ``x`` moves by one float32 ulp, and ``s - γ`` in the
+    quadratic cancels in float32. Float64 also keeps ``‖y - x0‖`` from overflowing."""
+    dtype = y.dtype
+    if dtype in (torch.float16, torch.bfloat16, torch.float32) and y.device.type != "mps":
+        y, x0, alpha, s = (v.double() for v in (y, x0, alpha, s))
+    D, ladj = y.shape[-1], 0
+    for k in reversed(range(x0.shape[-2])):
+        x0k, ak, sk = x0[..., k, :], alpha[..., k, :], s[..., k, :]
+        diff = y - x0k
+        r = radial_inverse_radius(radial_norm(diff), ak, sk)
+        y = x0k + diff * ((ak + r) / (sk + r))
+        ladj = ladj + radial_log_det(r, ak, sk, D).squeeze(-1)
+    return y.to(dtype), ladj.to(dtype)
 
 
 def radial_call(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, log|det J|)`` of one radial layer from raw parameters."""
     alpha, beta, s = radial_ab(alpha_prime, beta_prime)
     diff = x - x0
-    r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+    r = radial_norm(diff)
     y = x + (beta / (alpha + r)) * diff
     return y, radial_log_det(r, alpha, s, x0.shape[-1]).squeeze(-1)
 
@@ -105,14 +123,19 @@ class ConditionedRadial(ConditionedFlow):
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
         x0, alpha_prime, beta_prime = _unpack_radial(self._params)
-        check_event(x, x0.shape[-1])
+        x = check_event(x, x0.shape[-1], dtype=x0.dtype, batch_shape=x0.shape[:-1])
         return radial_call(x, x0, alpha_prime, beta_prime)
 
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse_and_ladj(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, log|det dy/dx| at x)`` for ``x`` the inverse of ``y``, see
+        :func:`radial_inverse_and_ladj` (``log_prob`` of data uses this log-det)."""
         x0, alpha_prime, beta_prime = _unpack_radial(self._params)
-        check_event(y, x0.shape[-1], "y")
+        y = check_event(y, x0.shape[-1], "y", dtype=x0.dtype, batch_shape=x0.shape[:-1])
         alpha, _, s = radial_ab(alpha_prime, beta_prime)
-        return radial_inverse(y, x0, alpha, s)
+        return radial_inverse_and_ladj(y, x0[..., None, :], alpha[..., None, :], s[..., None, :])
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self.inverse_and_ladj(y)[0]
 
 
 class Radial(ConditionedRadial, TransformModule):
@@ -211,7 +234,7 @@ def stacked_radial(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.
     rs = []
     for k in range(x0.shape[-2]):
         diff = x - x0[..., k, :]
-        r = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+        r = radial_norm(diff)
         x = x + (beta[..., k, :] / (alpha[..., k, :] + r)) * diff
         rs.append(r)
     r = torch.cat(rs, dim=-1)
@@ -238,16 +261,19 @@ class ConditionedStackedRadial(ConditionedFlow):
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
         x0, alpha_prime, beta_prime = _unpack_stacked_radial(self._params)
-        check_event(x, x0.shape[-1])
+        x = check_event(x, x0.shape[-1], dtype=x0.dtype, batch_shape=x0.shape[:-2])
         return stacked_radial(x, x0, alpha_prime, beta_prime)
 
-    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+    def inverse_and_ladj(self, y: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(x, log|det dy/dx| at x)`` for ``x`` the inverse of ``y``, see
+        :func:`radial_inverse_and_ladj`."""
         x0, alpha_prime, beta_prime = _unpack_stacked_radial(self._params)
-        check_event(y, x0.shape[-1], "y")
+        y = check_event(y, x0.shape[-1], "y", dtype=x0.dtype, batch_shape=x0.shape[:-2])
         alpha, _, s = radial_ab(alpha_prime, beta_prime)
-        for k in reversed(range(x0.shape[-2])):
-            y = radial_inverse(y, x0[..., k, :], alpha[..., k, :], s[..., k, :])
-        return y
+        return radial_inverse_and_ladj(y, x0, alpha, s)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return self.inverse_and_ladj(y)[0]
 
 
 class StackedRadial(ConditionedStackedRadial, TransformModule):
@@ -301,7 +327,7 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass (compiled if ``compile=True``)."""
-        check_event(x, self.input_dim)
+        x = check_event(x, self.input_dim, dtype=self.theta.dtype)
         return run_compiled(self, stacked_radial_packed, x, self.theta)
 
     def reset_parameters(self, near_identity: bool = False) -> None:
