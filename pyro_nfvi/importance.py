@@ -675,9 +675,9 @@ def importance_sample(
     are then consistent for the exact posterior whenever the guide covers it; they are
     reliable when :math:`\hat k \le 0.7` (≤ 0.5 good, 0.5–0.7 borderline) and an
     :class:`ImportanceWarning` is issued when :math:`\hat k` exceeds
-    :func:`khat_threshold`. A hand-written guide with auxiliary sites (not deterministic
-    functions of the model's sites) gives weights on the extended space; their means are
-    still unbiased estimates of :math:`p(x)` only if the model scores those sites too.
+    :func:`khat_threshold`. (Auxiliary guide sites that are *not* deterministic functions
+    of the model's sites, as they are in ``AutoContinuous``, give weights on an extended
+    space that are valid only if the model scores those sites too.)
 
     Draws are made in one vectorised pass over a particle plate (like
     :class:`~pyro.infer.Predictive` with ``parallel=True``) when the model and guide allow
