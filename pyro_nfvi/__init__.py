@@ -9,7 +9,7 @@ is imported on first use.
 import importlib
 
 from . import diagnostics, guides, helpers, infer, targets, testing, transforms
-from .guides import AutoNormalizingFlow, AutoPlanarFlow, AutoRadialFlow
+from .guides import AutoNormalizingFlow, AutoPlanarFlow, AutoRadialFlow, AutoSylvesterFlow
 from .helpers import (
     conditional_planar,
     conditional_planar_flow,
@@ -34,6 +34,7 @@ __all__ = [
     "AutoNormalizingFlow",
     "AutoPlanarFlow",
     "AutoRadialFlow",
+    "AutoSylvesterFlow",
     "ImportanceWarning",
     "WeightedPosterior",
     "__version__",

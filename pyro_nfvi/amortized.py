@@ -48,10 +48,11 @@ from pyro.infer.autoguide.utils import _product
 
 from .transforms.planar import ConditionedStackedPlanar
 from .transforms.radial import ConditionedStackedRadial
+from .transforms.sylvester import ConditionedStackedSylvester, _unpack_triu
 
 __all__ = ["AmortizedFlow", "ConditionalFlowPosterior", "AutoAmortizedFlow"]
 
-_FLOWS = ("planar", "radial")
+_FLOWS = ("planar", "radial", "sylvester")
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -76,7 +77,10 @@ class AmortizedFlow(nn.Module):
     with :math:`\rho_0 = \log(e^{s_0} - 1)` so that :math:`\sigma \approx s_0 =`
     ``init_scale`` when the network's raw output is near zero. For planar layers
     :math:`\theta_k = (b_k, u_k, w_k)` (:math:`K + 2KD` outputs), for radial layers
-    :math:`\theta_k = (z_{0,k}, \alpha'_k, \beta'_k)` (:math:`KD + 2K` outputs); the
+    :math:`\theta_k = (z_{0,k}, \alpha'_k, \beta'_k)` (:math:`KD + 2K` outputs), for
+    Sylvester layers (``kind="orthogonal"``, bottleneck :math:`M = D`) :math:`\theta_k =
+    (b_k, R_k, \tilde R_k, U_k)` (:math:`KD + KD(D+1) + KD^2` outputs, raw diagonals shifted
+    so that a zero output is a layer with :math:`\tilde R_{ii} = 1, R_{ii} = 0`); the
     invertibility constraints are applied inside the layers. ``net`` is an MLP with
     ``hidden_dims`` hidden ReLU layers; the default ``hidden_dims=()`` is a linear head on
     the context, as in the paper, where the inference network's last layer emits all
@@ -118,7 +122,7 @@ class AmortizedFlow(nn.Module):
     :param latent_dim: dimension ``D`` of ``z``.
     :param context_dim: size ``C`` of the context's last dim.
     :param num_flows: number of flow layers ``K >= 0``; 0 gives a Gaussian.
-    :param flow: ``"planar"`` (default) or ``"radial"``.
+    :param flow: ``"planar"`` (default), ``"radial"`` or ``"sylvester"``.
     :param hidden_dims: hidden layer sizes of the parameter network (default: none,
         a linear map of the context).
     :param init_scale: the Gaussian scale when the network's scale output is zero.
@@ -155,6 +159,9 @@ class AmortizedFlow(nn.Module):
         D, K = self.latent_dim, self.num_flows
         if K == 0:
             self.param_dims: Tuple[int, ...] = (D, D)
+        elif flow == "sylvester":  # orthogonal Q, bottleneck M = D
+            tri = D * (D + 1) // 2
+            self.param_dims = (D, D, K * D, K * tri, K * tri, K * D * D)  # loc, scale, b, R, R~, U
         elif flow == "planar":
             self.param_dims = (D, D, K, K * D, K * D)  # loc, scale, bias, u, w
         else:
@@ -188,13 +195,21 @@ class AmortizedFlow(nn.Module):
         """All parameters from one network call: ``(loc (..., D), scale (..., D),
         flow_params)`` where ``flow_params`` is ``(bias (..., K, 1), u (..., K, D),
         w (..., K, D))`` (planar, raw ``u``: the layers constrain it), ``(x0 (..., K, D),
-        alpha' (..., K, 1), beta' (..., K, 1))`` (radial), or ``()`` when ``K = 0``."""
+        alpha' (..., K, 1), beta' (..., K, 1))`` (radial), ``(b (..., K, D), R (..., K, D, D),
+        R_tilde (..., K, D, D), U (..., K, D, D))`` (sylvester, raw), or ``()`` when ``K = 0``."""
         self._check_context(context)
         out = self.net(context).split(self.param_dims, dim=-1)
         loc, scale = out[0], F.softplus(out[1] + self._scale_shift)
         D, K = self.latent_dim, self.num_flows
         if K == 0:
             return loc, scale, ()
+        if self.flow == "sylvester":
+            b, r, rt, u = out[2:]
+            # raw diagonal 0 -> R~_ii = softplus(shift) = 1 and R~_ii R_ii = 0
+            shift = math.log(math.e - 1) * torch.eye(D, dtype=b.dtype, device=b.device)
+            R = _unpack_triu(r.unflatten(-1, (K, -1)), D) + shift
+            Rt = _unpack_triu(rt.unflatten(-1, (K, -1)), D) + shift
+            return loc, scale, (b.unflatten(-1, (K, D)), R, Rt, u.unflatten(-1, (K, D, D)))
         if self.flow == "planar":
             bias, u, w = out[2:]
             return loc, scale, (bias.unsqueeze(-1), u.unflatten(-1, (K, D)), w.unflatten(-1, (K, D)))
@@ -208,6 +223,8 @@ class AmortizedFlow(nn.Module):
     def _transform(self, flow_params):
         if not flow_params:
             return None
+        if self.flow == "sylvester":
+            return ConditionedStackedSylvester(flow_params)
         if self.flow == "planar":
             return ConditionedStackedPlanar(flow_params)
         return ConditionedStackedRadial(flow_params)
@@ -295,7 +312,7 @@ class AutoAmortizedFlow(AutoGuide):
         ``(B, C)``; trained with the guide (registered with Pyro).
     :param data_fn: maps the model's ``*args, **kwargs`` to the plate's data (see above).
     :param num_flows: flow layers of the amortized posterior (0: Gaussian encoder).
-    :param flow: ``"planar"`` or ``"radial"``.
+    :param flow: ``"planar"``, ``"radial"`` or ``"sylvester"`` (see :class:`AmortizedFlow`).
     :param hidden_dims: hidden layers of the amortized head (see :class:`AmortizedFlow`).
     :param init_scale: initial scale of the local Gaussian (see :class:`AmortizedFlow`).
     :param global_guide: a function ``model -> AutoGuide`` that builds the guide of the

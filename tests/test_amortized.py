@@ -117,7 +117,7 @@ def test_amortized_flow_errors():
     with pytest.raises(ValueError, match="context_dim"):
         AmortizedFlow(2, 2.5)
     with pytest.raises(ValueError, match="flow must be one of"):
-        AmortizedFlow(2, 3, flow="sylvester")
+        AmortizedFlow(2, 3, flow="maf")
     with pytest.raises(ValueError, match="init_scale"):
         AmortizedFlow(2, 3, init_scale=0.0)
     with pytest.raises(ValueError, match="hidden_dims"):

@@ -472,3 +472,78 @@ def test_pyro_sylvester_log_det_disagrees_with_its_jacobian():
     # ours, same sizes and scale: exact
     ours = randomize_(Sylvester(4, kind="householder", num_householder=1), 1.0).double()
     assert check_transform(ours, 4)["logdet_err"] < 1e-10
+
+
+# ---- wiring: AmortizedFlow, AutoSylvesterFlow, the benchmark script ------------------
+
+
+def test_amortized_flow_sylvester():
+    from pyro_nfvi.amortized import AmortizedFlow
+
+    torch.manual_seed(0)
+    q_net = AmortizedFlow(latent_dim=3, context_dim=4, num_flows=3, flow="sylvester").double()
+    with torch.no_grad():  # move the flow outputs away from their mild initial values
+        q_net.net[-1].weight.mul_(10.0)
+    ctx = torch.randn(5, 4, dtype=torch.float64)
+    t = q_net.get_transform(ctx)
+    assert isinstance(t, ConditionedStackedSylvester)
+    detached = ConditionedStackedSylvester(tuple(p.detach() for p in q_net.params(ctx)[2]))
+    errs = check_transform(detached, 3, batch_shapes=[(5,), (2, 5)])
+    assert errs["logdet_err"] < 1e-10 and errs["inverse_err"] < 1e-10
+    q = q_net(ctx)
+    value = torch.randn(7, 5, 3, dtype=torch.float64)
+    loc, scale, _ = q_net.params(ctx)
+    x = t._inverse(value)
+    expected = dist.Normal(loc, scale).log_prob(x).sum(-1) - t.call_and_ladj(x)[1]
+    assert torch.allclose(q.log_prob(value), expected, atol=1e-10)
+
+
+def test_auto_sylvester_flow_starts_at_the_affine_base_and_fits():
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    from pyro_nfvi.guides import AutoSylvesterFlow
+
+    loc, scale = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.5, 1.0, 2.0])
+
+    def model():
+        pyro.sample("x", dist.Normal(loc, scale).to_event(1))
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    guide = AutoSylvesterFlow(model, num_flows=4, bottleneck=8)  # capped at D = 3
+    guide()
+    stacks = [m for m in guide.modules() if isinstance(m, StackedSylvester)]
+    assert len(stacks) == 1 and stacks[0].bottleneck == 3 and stacks[0].num_flows == 4
+    x = torch.randn(50, 3)
+    assert (stacks[0](x) - x).abs().max() < 0.1  # near identity at step 0
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO(num_particles=8, vectorize_particles=True))
+    for _ in range(400):
+        svi.step()
+    s = guide.get_posterior().sample((4000,))
+    # within SGD noise (constant lr) of the exact posterior, in units of its scale
+    assert ((s.mean(0) - loc).abs() < 0.25 * scale).all(), s.mean(0)
+    assert ((s.std(0) / scale - 1).abs() < 0.2).all(), s.std(0)
+    with pytest.raises(ValueError, match="kind"):
+        AutoSylvesterFlow(model, kind="cayley")
+    with pytest.raises(TypeError, match="bottleneck"):
+        AutoSylvesterFlow(model, bottleneck=2.5)
+
+
+def test_bench_sylvester_quick_runs(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sylvester.py"
+    spec = importlib.util.spec_from_file_location("bench_sylvester", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--quick", "--rounds", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for kind in ("orthogonal", "householder", "triangular"):
+        assert kind in out
+    assert "pyro/ours" in out and "nan" not in out

@@ -157,10 +157,11 @@ def _reverse_mask(K: int, device) -> torch.Tensor:
     return (torch.arange(K, device=device) % 2 == 1).view(K, 1, 1)
 
 
-def sylvester_parts(params: Params, reverse=False):
+def sylvester_parts(params: Params, reverse=False, with_W: bool = True):
     """``(A, B, b, q, W)``: ``A = QR (..., D, M)``, ``B = R_tilde Q^T (..., M, D)``, the
-    bias, ``q = 1 + diag(W)`` and ``W = R_tilde R (..., M, M)``. ``reverse``: ``True``,
-    ``False`` (one layer) or ``"alternate"`` (a triangular stack, layer dim -3)."""
+    bias, ``q = 1 + diag(W)`` and ``W = R_tilde R (..., M, M)`` (``None`` unless
+    ``with_W``: the forward pass does not need it). ``reverse``: ``True``, ``False`` (one
+    layer) or ``"alternate"`` (a triangular stack, layer dim -3)."""
     b, R_raw, Rt_raw, U = params
     R, Rt, q = sylvester_triangles(R_raw, Rt_raw)
     if U is not None:
@@ -174,7 +175,7 @@ def sylvester_parts(params: Params, reverse=False):
         A, B = R.flip(-2), Rt.flip(-1)
     else:
         A, B = R, Rt
-    return A, B, b, q, Rt @ R
+    return A, B, b, q, (Rt @ R if with_W else None)
 
 
 def sylvester_layer(x, A, B, b, q) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -320,13 +321,13 @@ class ConditionedSylvester(ConditionedFlow):
         """``det J > 0`` everywhere."""
         return 1
 
-    def _parts(self):
+    def _parts(self, with_W: bool = True):
         params = _check_params(self._params, stacked=False)
-        return _event_dim(params), sylvester_parts(params, self.reverse)
+        return _event_dim(params), sylvester_parts(params, self.reverse, with_W)
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
-        D, (A, B, b, q, _) = self._parts()
+        D, (A, B, b, q, _) = self._parts(with_W=False)
         check_event(x, D)
         return sylvester_layer(x, A, B, b, q)
 
@@ -524,13 +525,13 @@ class ConditionedStackedSylvester(ConditionedFlow):
         """``det J > 0`` everywhere."""
         return 1
 
-    def _parts(self):
+    def _parts(self, with_W: bool = True):
         params = _check_params(self._params, stacked=True)
-        return _event_dim(params), sylvester_parts(params, reverse="alternate")
+        return _event_dim(params), sylvester_parts(params, "alternate", with_W)
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
-        D, (A, B, b, q, _) = self._parts()
+        D, (A, B, b, q, _) = self._parts(with_W=False)
         check_event(x, D)
         ts = []
         for k in range(b.shape[-2]):

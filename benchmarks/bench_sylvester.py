@@ -1,0 +1,132 @@
+"""Speed of pyro_nfvi's Sylvester stack against our planar stack and Pyro's Sylvester.
+
+One reverse-KL training step (rsample + log q + log p + backward + Adam) of a flow
+distribution N(0, I) -> K = 16 layers, batch 256, for D in {10, 50, 200}:
+
+- ours: :func:`pyro_nfvi.helpers.sylvester_flow` with ``kind="orthogonal"`` and bottleneck
+  M in {1, 8, D}, plus ``kind="householder"`` (H = 8 reflections, M = D) and
+  ``kind="triangular"`` (M = D);
+- planar: :func:`pyro_nfvi.helpers.planar_flow` (fused kernel), same K;
+- pyro: K of Pyro's ``Sylvester(D, count_transforms=8)`` (Householder Q with 8
+  reflections, M = D) in a ``ComposeTransformModule``.
+
+Ratios are ``other ms / ours ms`` from the same process (> 1: ours is faster). Timings
+interleave the contenders in rounds and report the median. Torch runs single-threaded
+(``--threads`` to change).
+
+Usage::
+
+    python benchmarks/bench_sylvester.py            # the full grid
+    python benchmarks/bench_sylvester.py --quick    # tiny sizes (smoke test)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import pyro.distributions as dist
+import pyro.distributions.transforms as T
+import torch
+from pyro.distributions.torch_transform import ComposeTransformModule
+
+from pyro_nfvi import helpers
+
+PYRO_REFLECTIONS = 8
+
+
+def reverse_kl_step(flow: torch.nn.Module, D: int, B: int):
+    """A closure doing one reverse-KL step of ``N(0, I) -> flow`` against a Gaussian."""
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(D), 1.0).to_event(1), [flow])
+    target = dist.Normal(torch.full((D,), 0.5), 2.0).to_event(1)
+    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        z = q.rsample((B,))
+        loss = (q.log_prob(z) - target.log_prob(z)).mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def median_ms(steps: dict, rounds: int, min_time: float) -> dict:
+    """Median ms per call of each closure, measured in interleaved rounds."""
+    reps = {}
+    for name, step in steps.items():
+        step()  # warm-up
+        t0 = time.perf_counter()
+        step()
+        reps[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
+    samples = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            for _ in range(reps[name]):
+                step()
+            samples[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+def contenders(D: int, K: int, Ms):
+    """``{label: flow}``: ours for each (kind, M), then planar and Pyro."""
+    flows = {}
+    for M in Ms:
+        flows[("orthogonal", M)] = helpers.sylvester_flow(D, K, bottleneck=M)
+    H = min(D, PYRO_REFLECTIONS)
+    flows[("householder", D)] = helpers.sylvester_flow(D, K, kind="householder", num_householder=H)
+    flows[("triangular", D)] = helpers.sylvester_flow(D, K, kind="triangular")
+    planar = helpers.planar_flow(D, K)
+    pyro = ComposeTransformModule([T.Sylvester(D, count_transforms=H) for _ in range(K)])
+    return flows, planar, pyro
+
+
+def run(dims, Ms_of, K: int, B: int, rounds: int, min_time: float) -> list:
+    rows = []
+    print(f"reverse-KL step, K = {K} layers, batch {B}; ms per step (median of {rounds} rounds)")
+    header = f"{'D':>4} {'M':>4} {'kind':<12} {'ours ms':>9} {'planar ms':>10} {'pyro ms':>9} {'pyro/ours':>10} {'planar/ours':>12}"
+    print(header)
+    print("-" * len(header))
+    for D in dims:
+        flows, planar, pyro = contenders(D, K, Ms_of(D))
+        steps = {key: reverse_kl_step(f, D, B) for key, f in flows.items()}
+        steps["planar"] = reverse_kl_step(planar, D, B)
+        steps["pyro"] = reverse_kl_step(pyro, D, B)
+        ms = median_ms(steps, rounds, min_time)
+        for (kind, M) in flows:
+            ours = ms[(kind, M)]
+            row = dict(D=D, M=M, kind=kind, ours=ours, planar=ms["planar"], pyro=ms["pyro"])
+            rows.append(row)
+            print(
+                f"{D:>4} {M:>4} {kind:<12} {ours:>9.2f} {ms['planar']:>10.2f} {ms['pyro']:>9.2f} "
+                f"{ms['pyro'] / ours:>10.2f} {ms['planar'] / ours:>12.2f}",
+                flush=True,
+            )
+    print(
+        f"pyro = {K} x pyro.distributions.transforms.Sylvester(D, count_transforms=min(D, "
+        f"{PYRO_REFLECTIONS})) (M = D); householder = ours with the same reflections."
+    )
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=0.2, help="seconds per round and contender")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.quick:
+        run([3], lambda D: [1, D], K=2, B=8, rounds=args.rounds, min_time=0.01)
+    else:
+        run([10, 50, 200], lambda D: sorted({1, 8, D}), K=16, B=256, rounds=args.rounds, min_time=args.min_time)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
