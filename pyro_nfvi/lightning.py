@@ -90,7 +90,10 @@ Example (one process here; ``devices=N, strategy="ddp"`` or ``torchrun`` for mor
     >>> trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False,
     ...                      enable_checkpointing=False, enable_progress_bar=False,
     ...                      enable_model_summary=False)
-    >>> trainer.fit(module, DataLoader(data, batch_size=16, shuffle=True))
+    >>> trainer.fit(module, DataLoader(data, batch_size=16, shuffle=True),
+    ...             DataLoader(data, batch_size=32))
+    >>> sorted(trainer.callback_metrics)
+    ['train_loss', 'val_loss']
     >>> sorted(guide.median(*data[:16], num_samples=100))
     ['loc']
 

@@ -398,3 +398,13 @@ def test_core_package_does_not_import_lightning():
     code = "import sys, pyro_nfvi, pyro_nfvi.amortized; print(sorted(m for m in sys.modules if 'lightning' in m))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_docstring_example_trains_on_one_process():
+    import doctest
+
+    import pyro_nfvi.lightning
+
+    pyro.clear_param_store()
+    result = doctest.testmod(pyro_nfvi.lightning, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
