@@ -14,10 +14,16 @@ Ratios are ``other ms / ours ms`` from the same process (> 1: ours is faster). T
 interleave the contenders in rounds and report the median. Torch runs single-threaded
 (``--threads`` to change).
 
+``--energies N`` instead fits K = 32 layers (Sylvester with D = M = 2, and planar) to
+the 2-D energies U1-U4 by :func:`pyro_nfvi.infer.fit_density` for ``N`` steps, two seeds,
+and prints KL(q||p) +- its Monte-Carlo standard error (a short budget: the fit_density
+defaults use 12000 steps).
+
 Usage::
 
-    python benchmarks/bench_sylvester.py            # the full grid
-    python benchmarks/bench_sylvester.py --quick    # tiny sizes (smoke test)
+    python benchmarks/bench_sylvester.py                 # the full speed grid
+    python benchmarks/bench_sylvester.py --quick         # tiny sizes (smoke test)
+    python benchmarks/bench_sylvester.py --energies 2000 # KL on U1-U4, short budget
 """
 
 from __future__ import annotations
@@ -112,16 +118,50 @@ def run(dims, Ms_of, K: int, B: int, rounds: int, min_time: float) -> list:
     return rows
 
 
+def energies(num_steps: int, seeds=(0, 1), K: int = 32, num_samples: int = 20000) -> list:
+    """KL(q||p) on U1-U4 after ``num_steps`` of :func:`~pyro_nfvi.infer.fit_density`."""
+    from pyro_nfvi.diagnostics import kl_divergence
+    from pyro_nfvi.infer import fit_density
+    from pyro_nfvi.targets import get_target
+
+    def make(name):
+        if name == "sylvester":
+            flow = helpers.sylvester_flow(2, K, bottleneck=2)
+        else:
+            flow = helpers.planar_flow(2, K)
+        flow.reset_parameters(near_identity=True)
+        return flow
+
+    rows = []
+    print(f"KL(q||p) in nats after {num_steps} fit_density steps, K = {K}, seeds {list(seeds)}")
+    print(f"{'target':<7} {'flow':<10} " + " ".join(f"{'seed ' + str(s):>16}" for s in seeds) + f" {'s/fit':>7}")
+    for target in ("U1", "U2", "U3", "U4"):
+        for name in ("sylvester", "planar"):
+            cells, secs = [], []
+            for seed in seeds:
+                fit = fit_density(make(name), get_target(target), num_steps=num_steps, progress=False, seed=seed)
+                with torch.no_grad():
+                    kl, se = kl_divergence(fit.q, get_target(target), num_samples, seed=seed)
+                cells.append(f"{kl:.3f} +- {se:.3f}")
+                secs.append(fit.seconds)
+                rows.append(dict(target=target, flow=name, seed=seed, kl=kl, se=se, seconds=fit.seconds))
+            print(f"{target:<7} {name:<10} " + " ".join(f"{c:>16}" for c in cells) + f" {statistics.mean(secs):>7.1f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per round and contender")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--energies", type=int, default=0, metavar="STEPS", help="fit U1-U4 instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    if args.quick:
+    if args.energies:
+        energies(args.energies)
+    elif args.quick:
         run([3], lambda D: [1, D], K=2, B=8, rounds=args.rounds, min_time=0.01)
     else:
         run([10, 50, 200], lambda D: sorted({1, 8, D}), K=16, B=256, rounds=args.rounds, min_time=args.min_time)

@@ -194,6 +194,16 @@ def test_stack_equals_composition_of_single_layers(variant, K):
     assert torch.allclose(stack._inverse(y_new), composed.inv(y_new), atol=1e-11, rtol=0)
 
 
+def test_batched_and_unbatched_parameter_paths_agree():
+    """Unbatched stacks take a GEMM path; parameters with a batch dim the broadcast one."""
+    flow = randomize_(StackedSylvester(3, 4, bottleneck=2), 1.0, seed=3).double()
+    batched = ConditionedStackedSylvester(tuple(p.expand(5, *p.shape) for p in flow._params_tuple()))
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    (y1, l1), (y2, l2) = flow.call_and_ladj(x), batched.call_and_ladj(x)
+    assert y1.shape == x.shape and l1.shape == (2, 5)
+    assert torch.allclose(y1, y2, atol=1e-13) and torch.allclose(l1, l2, atol=1e-13)
+
+
 def _score_by_autograd(flow, y):
     """∇_y log q(y) for q = N(0, I) pushed through ``flow``, by autograd through the inverse."""
     D = y.shape[-1]

@@ -534,6 +534,16 @@ class ConditionedStackedSylvester(ConditionedFlow):
         D, (A, B, b, q, _) = self._parts(with_W=False)
         check_event(x, D)
         ts = []
+        if A.dim() == 3:  # unbatched parameters: each product is one GEMM with its bias
+            batch_shape = x.shape[:-1]
+            z, At, Bt = x.reshape(-1, D), A.transpose(-1, -2), B.transpose(-1, -2)
+            for k in range(b.shape[-2]):
+                t = torch.tanh(torch.addmm(b[k], z, Bt[k]))
+                z = torch.addmm(z, t, At[k])
+                ts.append(t)
+            t = torch.stack(ts, -2)
+            ladj = planar_log_det(t, q).sum((-1, -2))
+            return z.reshape(x.shape), ladj.reshape(batch_shape)
         for k in range(b.shape[-2]):
             t = torch.tanh(_matvec(B[..., k, :, :], x) + b[..., k, :])
             x = x + _matvec(A[..., k, :, :], t)
