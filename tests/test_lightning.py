@@ -144,6 +144,9 @@ class Recorder(Callback):
                 flow.log_abs_det_jacobian(x, self.z_fixed).clone(),
                 fresh.log_abs_det_jacobian(x.clone(), self.z_fixed.clone()).clone(),
             )
+        # the global flow runs through the hand-written (fused) kernel under DDP
+        y = flow.call_and_ladj(self.z_fixed.clone().requires_grad_())[0]
+        rec["flow_node"] = type(y.grad_fn).__name__
         # saved every step: a killed run keeps what it did before the kill
         torch.save({"steps": self.steps, "world": trainer.world_size}, self.path)
 
@@ -296,6 +299,7 @@ def test_ddp_no_stale_flow_cache(ddp_runs):
             torch.testing.assert_close(rec["ladj"][0], rec["ladj"][1], rtol=0, atol=1e-12)
         # the parameters moved, so a stale cache would have shown
         assert not torch.allclose(recs[0]["inv"][1], recs[2]["inv"][1])
+        assert all("Fused" in rec["flow_node"] for rec in recs), recs[0]["flow_node"]
 
 
 def test_ddp_checkpoint_kill_resume(ddp_runs):
