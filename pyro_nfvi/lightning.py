@@ -121,7 +121,6 @@ except ImportError as e:  # pragma: no cover - exercised by a test that hides li
         'pip install "pyro_nfvi[lightning]"'
     ) from e
 
-import pyro
 from pyro.infer import ELBO, Trace_ELBO
 from pyro.infer.elbo import ELBOModule
 from pyro.poutine.messenger import Messenger
