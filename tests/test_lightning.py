@@ -412,3 +412,20 @@ def test_docstring_example_trains_on_one_process():
     pyro.clear_param_store()
     result = doctest.testmod(pyro_nfvi.lightning, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+@pytest.mark.parametrize("guide_kind", ["hand", "auto"])
+def test_module_local_params_mode(float64, guide_kind):
+    """Pyro's Lightning example sets module_local_params=True: the checks pass, the
+    parameters train, and nothing lands in the global param store."""
+    pyro.clear_param_store()
+    with pyro.settings.context(module_local_params=True):
+        module, data = build(guide_kind)
+        optim = module.configure_optimizers()
+        before = {n: p.detach().clone() for n, p in module.named_parameters()}
+        for k in range(2):
+            optim.zero_grad()
+            module(*data[4 * k : 4 * k + 4]).backward()
+            optim.step()
+        assert all(not torch.equal(before[n], p) for n, p in module.named_parameters())
+    assert len(pyro.get_param_store()) == 0
