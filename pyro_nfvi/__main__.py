@@ -34,6 +34,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _at_least_two(text: str) -> int:
+    value = _positive_int(text)
+    if value < 2:  # the standard error and ESS need two draws
+        raise argparse.ArgumentTypeError(f"expected an integer >= 2, got {value}")
+    return value
+
+
 def _target_name(text: str) -> str:
     key = text.upper()
     if key not in TARGETS:
@@ -60,10 +67,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", nargs="+", type=_target_name, default=sorted(TARGETS),
                    metavar="U", help="targets to fit (default: U1 U2 U3 U4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--num-samples", type=_positive_int, default=20000,
-                   help="Monte-Carlo samples for KL/ESS (default: 20000)")
+    p.add_argument("--num-samples", type=_at_least_two, default=20000,
+                   help="Monte-Carlo samples for KL/ESS, >= 2 (default: 20000)")
     p.add_argument("--out", default=None,
-                   help="PNG path (default: pyro_nfvi_<flow><K>.png in the current directory)")
+                   help="figure path (default: pyro_nfvi_<flow><K>.png in the current "
+                   "directory); a directory means <dir>/flows.png, a name without extension "
+                   "gets .png; any format matplotlib writes (png, pdf, svg, ...)")
     p.add_argument("--threads", type=_positive_int, default=1,
                    help="torch intra-op threads per fit (default: 1; small batches run "
                    "fastest on one)")
@@ -72,6 +81,42 @@ def build_parser() -> argparse.ArgumentParser:
                    "#CPUs)); results do not depend on it")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
+
+
+def resolve_out(out: Optional[str], flow: str, num_flows: int) -> str:
+    """The figure path that will be written, checked before any fitting: a directory
+    means ``<dir>/flows.png``, a name without extension gets ``.png``; the extension must
+    be a format matplotlib writes and the directory must exist and be writable.
+
+    :raises ValueError: naming ``--out`` and what is wrong.
+    """
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if out is None:
+        path = f"pyro_nfvi_{flow}{num_flows}.png"
+    elif os.path.isdir(out) or out.endswith(("/", os.sep)):
+        path = os.path.join(out, "flows.png")
+    elif not os.path.splitext(out)[1]:
+        path = out + ".png"
+    else:
+        path = out
+    ext = os.path.splitext(path)[1][1:].lower()
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if ext not in formats:
+        raise ValueError(
+            f"--out {out!r}: unsupported extension '.{ext}' (supported: "
+            f"{', '.join(sorted(formats))})"
+        )
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out!r}: directory {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (
+        os.path.exists(path) and not os.access(path, os.W_OK)
+    ):
+        raise ValueError(f"--out {out!r}: {path} is not writable")
+    if os.path.isdir(path):
+        raise ValueError(f"--out {out!r}: {path} is a directory")
+    return path
 
 
 def _make_flow(kind: str, num_flows: int):
@@ -121,12 +166,48 @@ def _rebuild_q(job: dict, result: dict):
     return dist.TransformedDistribution(base, transforms)
 
 
+def _fit_parallel(jobs: List[dict], n_workers: int) -> List[dict]:
+    """Fit the jobs in ``n_workers`` spawned processes. On Ctrl-C (or any error) the
+    workers are terminated at once rather than left to finish their fits."""
+    import importlib
+    import multiprocessing as mp
+
+    # under ``python -m`` this file runs as ``__main__``, which spawned workers cannot
+    # import by that name: hand them the function of the importable module instead
+    worker = importlib.import_module("pyro_nfvi.__main__")._fit_one
+    pool = mp.get_context("spawn").Pool(n_workers)
+    try:
+        results: List[Optional[dict]] = [None] * len(jobs)
+        pending = {i: pool.apply_async(worker, (job,)) for i, job in enumerate(jobs)}
+        while pending:
+            for i, res in list(pending.items()):
+                # short waits keep the parent responsive to Ctrl-C
+                res.wait(0.2)
+                if res.ready():
+                    r = results[i] = res.get()
+                    del pending[i]
+                    m = r["metrics"]
+                    print(f"  {m['target']} done: KL = {m['kl']:.4f} ({m['seconds']:.0f} s)",
+                          flush=True)
+        pool.close()
+    except BaseException:
+        pool.terminate()  # kills the workers now (KeyboardInterrupt included)
+        raise
+    finally:
+        pool.join()
+    return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     """Run the demo; returns one result dict per target (also printed as a table)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:  # every check before any fitting
+        out = resolve_out(args.out, args.flow, args.num_flows)
+    except ValueError as e:
+        parser.error(str(e))
     from .plotting import plot_density_grid  # Figure-based: needs no GUI backend
 
-    out = args.out or f"pyro_nfvi_{args.flow}{args.num_flows}.png"
     jobs = [
         dict(target=name, flow=args.flow, num_flows=args.num_flows, steps=args.steps,
              batch_size=args.batch_size, num_samples=args.num_samples,
@@ -141,28 +222,10 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     if n_workers == 1:
         results = [_fit_one(job) for job in jobs]
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         for job in jobs:  # interleaved bars from several processes are unreadable
             job["progress"] = False
         print(f"fitting {len(jobs)} targets in {n_workers} processes ...", flush=True)
-        import importlib
-
-        # under ``python -m`` this file runs as ``__main__``, which spawned workers cannot
-        # import by that name: hand them the function of the importable module instead
-        worker = importlib.import_module("pyro_nfvi.__main__")._fit_one
-        from concurrent.futures import as_completed
-
-        with ProcessPoolExecutor(n_workers, mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(worker, job): i for i, job in enumerate(jobs)}
-            results = [None] * len(jobs)
-            for fut in as_completed(futures):
-                r = fut.result()
-                results[futures[fut]] = r
-                m = r["metrics"]
-                print(f"  {m['target']} done: KL = {m['kl']:.4f} ({m['seconds']:.0f} s)",
-                      flush=True)
+        results = _fit_parallel(jobs, n_workers)
     torch.set_num_threads(args.threads)
     rows = [r["metrics"] for r in results]
     header = (f"{'target':<7}{'flow':<8}{'K':>4}  {'KL (nats) ± se':>18}  {'ESS %':>6}"
@@ -176,7 +239,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     qs = [_rebuild_q(job, r) for job, r in zip(jobs, results)]
     fig = plot_density_grid([get_target(j["target"]) for j in jobs], qs, metrics=rows)
     fig.suptitle(f"{args.flow} flow, K = {args.num_flows}, {args.steps} steps")
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=80, format=os.path.splitext(out)[1][1:].lower())
     print(f"\ntotal {time.perf_counter() - total0:.1f} s wall ({n_workers} process"
           f"{'es' if n_workers > 1 else ''}); figure written to {os.path.abspath(out)}")
     return rows

@@ -71,3 +71,100 @@ def test_default_run_fits_all_targets(tmp_path):
     assert [r["target"] for r in rows] == ["U1", "U2", "U3", "U4"]
     for r in rows:
         assert r["kl"] < 0.05, r
+
+
+# --- issue 13.7: every argument checked before fitting; the printed path is the written one
+
+def _fail_before_fitting(monkeypatch):
+    import pyro_nfvi.__main__ as cli
+
+    def boom(job):  # pragma: no cover - reached only if validation came too late
+        raise AssertionError("fitting started before the arguments were checked")
+
+    monkeypatch.setattr(cli, "_fit_one", boom)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--num-samples", "1"], "num-samples"),
+        (["--out", "/nonexistent_dir_pyro_nfvi/x.png"], "does not exist"),
+        (["--out", "fig.xyz"], "unsupported extension"),
+    ],
+)
+def test_bad_arguments_rejected_before_fitting(argv, needle, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    _fail_before_fitting(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        main(["--steps", "5", "--targets", "U1", "--num-flows", "2", *argv])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions, non-root")
+def test_unwritable_out_directory_rejected_before_fitting(monkeypatch, capsys, tmp_path):
+    _fail_before_fitting(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(SystemExit) as e:
+            main(["--steps", "5", "--targets", "U1", "--out", str(ro / "fig.png")])
+        assert e.value.code == 2 and "not writable" in capsys.readouterr().err
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.parametrize("out, written", [(".", "flows.png"), ("noext", "noext.png"),
+                                          ("sub/", "sub/flows.png"), ("fig.svg", "fig.svg")])
+def test_out_path_written_is_the_path_printed(out, written, monkeypatch, capsys, tmp_path):
+    from pyro_nfvi.__main__ import resolve_out
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    assert os.path.abspath(resolve_out(out, "planar", 2)) == str(tmp_path / written)
+    if out in (".", "noext"):  # one end-to-end run each (tiny)
+        main(["--steps", "3", "--targets", "U1", "--num-flows", "2", "--out", out,
+              "--no-progress", "--num-samples", "200"])
+        printed = capsys.readouterr().out.strip().splitlines()[-1].split("figure written to ")[1]
+        assert printed == str(tmp_path / written)
+        assert (tmp_path / written).stat().st_size > 1000
+        assert not (tmp_path / ".png").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
+def test_ctrl_c_with_jobs_stops_workers_promptly(tmp_path):
+    import signal
+    import time
+
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyro_nfvi", "--jobs", "2", "--targets", "U1", "U2",
+         "--steps", "1000000", "--num-flows", "2", "--out", str(tmp_path / "f.png")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    children = []
+    try:
+        assert "processes" in proc.stdout.readline()
+        deadline = time.time() + 120
+        while len(children) < 2 and time.time() < deadline:  # both workers running
+            ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)],
+                                capture_output=True, text=True).stdout.split()
+            children = [int(p) for p in ps]
+            time.sleep(0.5)
+        assert len(children) >= 2
+        time.sleep(3.0)  # workers are importing / fitting
+        proc.send_signal(signal.SIGINT)  # to the parent only
+        proc.wait(timeout=20)
+        time.sleep(1.0)
+        for pid in children:
+            alive = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)],
+                                   capture_output=True, text=True).stdout.strip()
+            assert alive in ("", "Z"), f"worker {pid} still running ({alive})"
+    finally:  # never leave a process of this test behind, even when it fails
+        for pid in [proc.pid] + children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        proc.communicate(timeout=30)
