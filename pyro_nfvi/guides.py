@@ -15,11 +15,14 @@ import numbers
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
+from contextlib import ExitStack
 from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform, Transform
 from torch.distributions.utils import _standard_normal
 
+import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ComposeTransformModule, LowerCholeskyAffine
 from pyro.distributions.util import eye_like, sum_rightmost
@@ -28,6 +31,7 @@ from pyro.infer.autoguide.guides import AutoGuide, prototype_hide_fn
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import _product, helpful_support_errors
 from pyro.nn.module import PyroParam
+from pyro.poutine.messenger import Messenger
 
 from .helpers import planar_flow, radial_flow
 from .transforms._base import LadjCacheMixin
@@ -59,6 +63,8 @@ class _FlowPosterior(dist.TransformedDistribution):
     """
 
     _standard_base = False
+    #: sticking-the-landing: score the sample with stopped parameters (set by the guide)
+    _stl = False
 
     def with_transforms(self, transforms) -> "_FlowPosterior":
         """A copy with new transforms of the same shapes: skips the shape checks of
@@ -68,16 +74,23 @@ class _FlowPosterior(dist.TransformedDistribution):
         new.__dict__.pop("_nfvi_last", None)
         return new
 
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(_FlowPosterior, _instance)
+        new = super().expand(batch_shape, _instance=new)
+        new._standard_base, new._stl = self._standard_base, self._stl
+        return new
+
     def rsample(self, sample_shape=torch.Size()):
         base = self.base_dist
         if self._standard_base:
-            shape = torch.Size(sample_shape) + base.event_shape
+            shape = torch.Size(sample_shape) + base.batch_shape + base.event_shape
             mean = base.mean
             x = _standard_normal(shape, dtype=mean.dtype, device=mean.device)
             log_q = -0.5 * (x * x).sum(-1) - _HALF_LOG_2PI * x.shape[-1]
         else:
             x = base.rsample(sample_shape)
             log_q = base.log_prob(x)
+        eps = x
         event_dim = len(self.event_shape)
         for outer in self.transforms:
             for t in _flatten_transform(outer):
@@ -88,6 +101,8 @@ class _FlowPosterior(dist.TransformedDistribution):
                     ladj = t.log_abs_det_jacobian(x, y)
                 log_q = log_q - sum_rightmost(ladj, event_dim - t.codomain.event_dim)
                 x = y
+        if self._stl and self._standard_base and x.requires_grad and torch.is_grad_enabled():
+            log_q = _stl_surrogate(self, eps, x, log_q)
         self._nfvi_last = (x, log_q)
         return x
 
@@ -104,6 +119,167 @@ class _FlowPosterior(dist.TransformedDistribution):
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
+
+
+@torch.no_grad()
+def _push_score(t: Transform, x: torch.Tensor, score: torch.Tensor):
+    """``(t(x), ∇ log density)`` pushed through one elementary transform without an
+    inverse solve, or ``None`` where the transform does not say how."""
+    if hasattr(t, "push_score"):  # this package's flows
+        return t.push_score(x, score)
+    if isinstance(t, dist.transforms.AffineTransform) and t.event_dim == 1:
+        return t(x), score / t.scale
+    if isinstance(t, LowerCholeskyAffine):
+        tril = t.scale_tril
+        s = torch.linalg.solve_triangular(tril.mT, score.unsqueeze(-1), upper=True)
+        return t(x), s.squeeze(-1)
+    return None
+
+
+def _stl_surrogate(posterior, eps, z, log_q):
+    r"""``log q(z)`` with the gradient of sticking the landing (Roeder, Wu & Duvenaud
+    2017): the value is unchanged, but its gradient is only the path term
+    :math:`\nabla_z \log q_{\bar\phi}(z) \cdot \partial z / \partial\phi` — the
+    score-function term, whose expectation is zero, is dropped. The score
+    :math:`\nabla_z \log q(z)` at the sample is pushed forward from the base noise layer by
+    layer (``push_score``: Sherman–Morrison for planar/radial, no inverse solve); for
+    transforms without it, it is computed by autograd through their inverses."""
+    x, score = eps.detach(), -eps.detach()  # ∇ log N(ε; 0, I) = -ε
+    for outer in posterior.transforms:
+        for t in _flatten_transform(outer):
+            pushed = _push_score(t, x, score)
+            if pushed is None:
+                score = None
+                break
+            x, score = pushed
+        if score is None:
+            break
+    if score is None:
+        z_ = z.detach().requires_grad_()
+        with torch.enable_grad():
+            lp = dist.TransformedDistribution.log_prob(posterior, z_)
+            (score,) = torch.autograd.grad(lp.sum(), z_)
+    return log_q.detach() + (score * (z - z.detach())).sum(-1)
+
+
+def _loc_scale(fn):
+    """``(loc, scale)`` of a Normal or LogNormal site behind Pyro's Independent /
+    Expanded / Masked wrappers (for a LogNormal: of the Normal of its log), else ``None``."""
+    while isinstance(fn, (torch.distributions.Independent, dist.ExpandedDistribution,
+                          dist.MaskedDistribution)):
+        fn = fn.base_dist
+    if isinstance(fn, (torch.distributions.Normal, torch.distributions.LogNormal)):
+        return fn.loc, fn.scale
+    return None
+
+
+class _LatentsOnly(Exception):
+    """Raised by the messengers below once every latent site has been seen, so that the
+    rest of the model (typically its likelihood) is not run."""
+
+
+class _FindHierarchical(Messenger):
+    """Runs the model on the prototype values with fresh leaf tensors and records the
+    Normal / LogNormal sites whose loc or scale is a function of an earlier latent site."""
+
+    def __init__(self, values: Dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values
+        self.leaves: list = []
+        self.found: list = []
+
+    def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if msg["is_observed"] or name not in self.values:
+            return
+        params = _loc_scale(msg["fn"])
+        if params is not None and self.leaves:
+            outs = [p for p in params if torch.is_tensor(p) and p.requires_grad]
+            if outs:
+                grads = torch.autograd.grad([o.sum() for o in outs], self.leaves,
+                                            allow_unused=True, retain_graph=True)
+                if any(g is not None for g in grads):
+                    self.found.append(name)
+        leaf = self.values[name].detach().clone().requires_grad_()
+        self.leaves.append(leaf)
+        msg["value"] = leaf
+        msg["is_observed"] = True
+        if len(self.leaves) == len(self.values):
+            raise _LatentsOnly
+
+
+class _PlaceLatents(Messenger):
+    """Runs the model with the guide's unconstrained draws ``x`` and turns them into site
+    values: a hierarchical site gets ``(1 - c) loc + scale^(1 - c) x`` (partial
+    non-centring with centredness ``c``, Gorinova, Moore & Hoffman 2020) from the loc and
+    scale its prior has given the values placed before it; every other site gets ``x``.
+    Then the site's support bijection. Records ``(value, log|d x / d value|)`` per site."""
+
+    def __init__(self, guide: "AutoNormalizingFlow", xs: Dict[str, torch.Tensor],
+                 centering: Dict[str, Optional[torch.Tensor]]) -> None:
+        super().__init__()
+        self.guide, self.xs, self.centering = guide, xs, centering
+        self.placed: Dict[str, tuple] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if msg["is_observed"] or name not in self.xs:
+            return
+        guide, x = self.guide, self.xs[name]
+        fn = guide.prototype_trace.nodes[name]["fn"]
+        event_dim = fn.event_dim
+        transform = biject_to(fn.support)
+        log_jac = None
+        if name in guide._hierarchical:
+            loc, scale = _loc_scale(msg["fn"])
+            c = self.centering[name]
+            if c is None:
+                unconstrained = loc + scale * x
+                log_jac = torch.log(scale)
+            else:
+                unconstrained = (1 - c) * loc + scale.pow(1 - c) * x
+                log_jac = (1 - c) * torch.log(scale)
+            log_jac = log_jac.expand(unconstrained.shape)
+        else:
+            unconstrained = x
+        value = transform(unconstrained)
+        if poutine.get_mask() is False:
+            log_density = 0.0
+        else:
+            log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
+            log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + event_dim)
+            if log_jac is not None:  # Normal/LogNormal: value and x have the same shape
+                log_density = log_density - sum_rightmost(log_jac, event_dim)
+        self.placed[name] = (value, log_density)
+        msg["value"] = value
+        msg["is_observed"] = True
+        if len(self.placed) == len(self.xs):
+            raise _LatentsOnly
+
+
+def _run_latents(messenger: Messenger, model: Callable, args, kwargs) -> None:
+    """Run ``model`` under ``messenger`` (blocked from outer handlers) up to its last
+    latent site."""
+    try:
+        poutine.block(messenger(model))(*args, **kwargs)
+    except _LatentsOnly:
+        pass
+
+
+#: initial centredness of hierarchical sites: near the non-centred end, where funnels are
+#: Gaussian; the ELBO moves it towards 1 where the data dominate the prior.
+_INIT_CENTERING = 0.02
+
+
+def _arg_shapes(args, kwargs) -> tuple:
+    """What of the model's arguments can change the latent shapes: tensor shapes and ints."""
+    def key(a):
+        if torch.is_tensor(a):
+            return tuple(a.shape)
+        if isinstance(a, int) and not isinstance(a, bool):
+            return a
+        return None
+    return tuple(map(key, args)), tuple(sorted((k, key(v)) for k, v in kwargs.items()))
 
 
 def _hide_from_prototype(msg) -> bool:
@@ -229,8 +405,16 @@ class AutoNormalizingFlow(AutoContinuous):
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
         full_rank: bool = False,
+        stl: bool = True,
+        centered: Optional[float] = None,
         create_plates: Optional[Callable] = None,
     ) -> None:
+        if centered is not None and (
+            isinstance(centered, bool)
+            or not isinstance(centered, numbers.Real)
+            or not 0.0 <= centered <= 1.0
+        ):
+            raise ValueError(f"centered must be None or a float in [0, 1], got {centered!r}")
         if isinstance(init_transform_fn, Transform) or not callable(init_transform_fn):
             raise TypeError(
                 "init_transform_fn must be a function latent_dim -> Transform "
@@ -248,8 +432,11 @@ class AutoNormalizingFlow(AutoContinuous):
         self._init_transform_fn = init_transform_fn
         self._init_scale = float(init_scale)
         self.full_rank = bool(full_rank)
+        self.stl = bool(stl)
+        self.centered = None if centered is None else float(centered)
         self.create_plates = create_plates
         self.transform = None
+        self._hierarchical: Dict[str, slice] = {}
 
     _prototype_hide_fn = staticmethod(_hide_from_prototype)
 
@@ -280,6 +467,16 @@ class AutoNormalizingFlow(AutoContinuous):
                     site["value"]
                 ).shape
             self._cond_indep_stacks[site_name] = site["cond_indep_stack"]
+            for frame in site["cond_indep_stack"]:
+                if frame.full_size is not None and frame.size < frame.full_size:
+                    raise ValueError(
+                        f"{name} cannot learn the local latent site '{site_name}' of the "
+                        f"subsampled plate '{frame.name}' (size {frame.size} of "
+                        f"{frame.full_size}): it would learn one posterior per subsample "
+                        "slot, not per data row. Use pyro_nfvi.amortized.AutoAmortizedFlow "
+                        "(an amortized flow for the plate's local latents), or do not "
+                        "subsample that plate."
+                    )
         if not self._unconstrained_shapes:
             raise ValueError(
                 f"{name} found no latent variables in the model (all sample sites "
@@ -308,10 +505,108 @@ class AutoNormalizingFlow(AutoContinuous):
         if isinstance(transform, torch.nn.Module):
             transform = transform.to(device=loc.device, dtype=loc.dtype)
         self.transform = transform
+        self._setup_hierarchical(args, kwargs)
+        self._arg_shapes = _arg_shapes(args, kwargs)
+
+    def _setup_hierarchical(self, args, kwargs) -> None:
+        """Find the Normal/LogNormal sites whose prior loc or scale depends on another latent
+        site (the centred hierarchical sites that make funnels), and give each a learnable
+        centredness (``centered=None``) initialised at ``_INIT_CENTERING``."""
+        self._hierarchical = {}
+        if self.centered == 1.0:
+            return
+        values = {name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()}
+        probe = _FindHierarchical(values)
+        with torch.enable_grad():
+            _run_latents(probe, self.model, args, kwargs)
+        pos = 0
+        for name in probe.found:
+            size = _product(self._unconstrained_shapes[name])
+            self._hierarchical[name] = slice(pos, pos + size)
+            pos += size
+        if pos and self.centered is None:
+            init = torch.full((pos,), _INIT_CENTERING, dtype=self.loc.dtype, device=self.loc.device)
+            self.centering = PyroParam(init, constraints.unit_interval)
+
+    def _centering(self, name: str) -> Optional[torch.Tensor]:
+        """The centredness of a hierarchical site, shaped like its unconstrained value
+        (``None`` for fully non-centred)."""
+        if self.centered == 0.0:
+            return None
+        if self.centered is not None:
+            return torch.tensor(self.centered, dtype=self.loc.dtype, device=self.loc.device)
+        return self.centering[self._hierarchical[name]].reshape(self._unconstrained_shapes[name])
+
+    @property
+    def hierarchical_sites(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The sites this guide places relative to their prior's loc and scale, with their
+        current centredness (0: non-centred, 1: centred; ``None`` means 0). Empty before the
+        first call."""
+        with torch.no_grad():
+            return {name: self._centering(name) for name in self._hierarchical}
+
+    def _check_args(self, args, kwargs) -> None:
+        """Called guide-side: if the shapes of the model's arguments changed since setup,
+        re-run the model to check that the latent sites kept their shapes."""
+        shapes = _arg_shapes(args, kwargs)
+        if shapes == self._arg_shapes:
+            return
+        model = poutine.block(self.model, self._prototype_hide_fn)
+        trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        for name, site in trace.iter_stochastic_nodes():
+            old = self.prototype_trace.nodes.get(name)
+            if old is None or old["value"].shape != site["value"].shape:
+                before = None if old is None else tuple(old["value"].shape)
+                raise ValueError(
+                    f"{type(self).__name__} was set up for the latent site '{name}' with "
+                    f"shape {before}, but the model now gives it shape "
+                    f"{tuple(site['value'].shape)}: create a new guide for the new data "
+                    "(or use pyro_nfvi.amortized.AutoAmortizedFlow for per-datum latents)."
+                )
+        self._arg_shapes = shapes
 
     def _check_setup(self, *args, **kwargs) -> None:
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
+
+    def forward(self, *args, **kwargs) -> Dict[str, torch.Tensor]:
+        """Draw the latent sites (a dict of constrained values), as every Pyro autoguide."""
+        if self.prototype_trace is None:
+            self._setup_prototype(*args, **kwargs)
+        else:
+            self._check_args(args, kwargs)
+        latent = self.sample_latent(*args, **kwargs)
+        plates = self._create_plates(*args, **kwargs)
+        xs = {site["name"]: x for site, x in self._unpack_latent(latent)}
+        if self._hierarchical:
+            # read the centredness here, outside the blocked model run, so that its
+            # pyro.param statement reaches SVI's parameter capture
+            centering = {name: self._centering(name) for name in self._hierarchical}
+            placer = _PlaceLatents(self, xs, centering)
+            _run_latents(placer, self.model, args, kwargs)
+            placed = placer.placed
+        else:
+            placed = {}
+        result = {}
+        for name, site in self.prototype_trace.iter_stochastic_nodes():
+            if name in placed:
+                value, log_density = placed[name]
+            else:
+                transform = biject_to(site["fn"].support)
+                value = transform(xs[name])
+                if poutine.get_mask() is False:
+                    log_density = 0.0
+                else:
+                    log_density = transform.inv.log_abs_det_jacobian(value, xs[name])
+                    log_density = sum_rightmost(
+                        log_density, log_density.dim() - value.dim() + site["fn"].event_dim
+                    )
+            delta = dist.Delta(value, log_density=log_density, event_dim=site["fn"].event_dim)
+            with ExitStack() as stack:
+                for frame in self._cond_indep_stacks[name]:
+                    stack.enter_context(plates[frame.name])
+                result[name] = pyro.sample(name, delta)
+        return result
 
     # -------------------------------------------------------- distributions
     def get_base_dist(self) -> dist.TorchDistribution:
@@ -339,6 +634,13 @@ class AutoNormalizingFlow(AutoContinuous):
         Used e.g. by :class:`~pyro.infer.reparam.NeuTraReparam`.
         """
         self._check_setup(*args, **kwargs)
+        if self._hierarchical:
+            raise NotImplementedError(
+                f"{type(self).__name__}.get_transform(): the sites "
+                f"{sorted(self._hierarchical)} are placed relative to their prior's loc and "
+                "scale, which is not one fixed transform of the latent vector. Construct "
+                "the guide with centered=1.0 to use it with NeuTraReparam."
+            )
         return ComposeTransform([self.transform, self._affine()])
 
     def get_posterior(self, *args, **kwargs) -> dist.TransformedDistribution:
@@ -357,6 +659,7 @@ class AutoNormalizingFlow(AutoContinuous):
             cached._standard_base = True
             cached.transforms = []  # holds no parameters: each call supplies its own
             self._posterior_template = cached
+        cached._stl = self.stl
         return cached.with_transforms(transforms)
 
     # ------------------------------------------------------ summaries
@@ -365,18 +668,14 @@ class AutoNormalizingFlow(AutoContinuous):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
             raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
         self._check_setup(*args, **kwargs)
-        latent = self.get_posterior(*args, **kwargs).sample((num_samples,))
-        # Unpack with the sample dim leftmost of each site's own shape (the
-        # generic _unpack_latent would broadcast it against the plate dims).
-        result = {}
-        pos = 0
-        for name, site in self.prototype_trace.iter_stochastic_nodes():
-            shape = self._unconstrained_shapes[name]
-            size = _product(shape)
-            value = latent[:, pos : pos + size].reshape((num_samples,) + tuple(shape))
-            result[name] = biject_to(site["fn"].support)(value)
-            pos += size
-        return result
+        # one vectorised draw of the whole guide, in a sample plate left of the model's
+        nesting = max([-f.dim for f in self._prototype_frames.values()], default=0)
+        with poutine.block(), pyro.plate("_nfvi_draws", num_samples, dim=-nesting - 1):
+            values = self(*args, **kwargs)
+        return {
+            name: value.reshape((num_samples,) + self.prototype_trace.nodes[name]["value"].shape)
+            for name, value in values.items()
+        }
 
     @torch.no_grad()
     def quantiles(

@@ -203,7 +203,8 @@ def test_posterior_rsample_matches_transforming_base_draws():
     equals drawing from get_base_dist() with the same seed and pushing through
     get_transform(), and its remembered log q equals log_prob through the inverses."""
     data = _normal_data()
-    guide = AutoPlanarFlow(constrained_model, num_flows=3, full_rank=True)
+    # centered=1.0: one fixed transform of the latent vector (no site placed by its prior)
+    guide = AutoPlanarFlow(constrained_model, num_flows=3, full_rank=True, centered=1.0)
     _train(constrained_model, guide, 30, args=(data,))
     post = guide.get_posterior(data)
     with torch.no_grad():
@@ -221,7 +222,7 @@ def test_posterior_rsample_matches_transforming_base_draws():
 
 def test_neutra_reparam():
     data = _normal_data()
-    guide = AutoPlanarFlow(constrained_model, num_flows=3, full_rank=True)
+    guide = AutoPlanarFlow(constrained_model, num_flows=3, full_rank=True, centered=1.0)
     _train(constrained_model, guide, 50, args=(data,))
 
     # the transform maps base noise -> unconstrained latent and is invertible

@@ -151,6 +151,25 @@ def planar_inverse(y, bias, u_hat, w, q) -> torch.Tensor:
     return (y - u_hat * torch.tanh(a)).to(dtype)
 
 
+def planar_push_score(x, score, bias, u_hat, w, q) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""``(y, ∇_y log p_Y(y))`` for one planar layer ``y = f(x)``, given
+    ``score = ∇_x log p_X(x)``: the score pushed forward through the layer without an
+    inverse solve. With ``t = tanh(a)``, ``h' = 1 - t²``, ``k = wᵀû = q - 1`` and
+    ``det = 1 + h'k``, ``J = I + h' û wᵀ``, so ``J^{-T} = I - h' w ûᵀ / det``
+    (Sherman–Morrison) and ``∇_x log det = (h'' k / det) w``:
+
+    .. math::
+
+        s_y = J^{-T}(s_x - ∇_x \log\det J) = s_x - w\,\frac{h''k + h'\,(\hat u^\top s_x - h''k^2/\det)}{\det}.
+    """
+    t = torch.tanh((x * w).sum(-1, keepdim=True) + bias)
+    h1 = 1 - t * t
+    h2k = -2 * t * h1 * (q - 1)
+    det = planar_log_det(t, q).exp()
+    coef = (h2k + h1 * ((u_hat * score).sum(-1, keepdim=True) - h2k * (q - 1) / det)) / det
+    return x + u_hat * t, score - coef * w
+
+
 def _unpack_planar(params) -> Params:
     bias, u, w = params() if callable(params) else params
     if u.shape[-1] != w.shape[-1] or bias.shape[-1:] != (1,):
@@ -191,6 +210,13 @@ class ConditionedPlanar(ConditionedFlow):
         bias, u_hat, w, q = self._planar_params()
         y = check_event(y, w.shape[-1], "y", dtype=w.dtype, batch_shape=w.shape[:-1])
         return planar_inverse(y, bias, u_hat, w, q)
+
+    @torch.no_grad()
+    def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, without an
+        inverse (see :func:`planar_push_score`); used for sticking-the-landing gradients."""
+        bias, u_hat, w, q = self._planar_params()
+        return planar_push_score(x, score, bias, u_hat, w, q)
 
 
 class Planar(ConditionedPlanar, TransformModule):
@@ -336,6 +362,17 @@ class ConditionedStackedPlanar(ConditionedFlow):
         for k in reversed(range(w.shape[-2])):
             y = planar_inverse(y, bias[..., k, :], u_hat[..., k, :], w[..., k, :], q[..., k, :])
         return y
+
+    @torch.no_grad()
+    def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, layer by
+        layer without an inverse (see :func:`planar_push_score`)."""
+        bias, u_hat, w, q = self._planar_params()
+        for k in range(w.shape[-2]):
+            x, score = planar_push_score(
+                x, score, bias[..., k, :], u_hat[..., k, :], w[..., k, :], q[..., k, :]
+            )
+        return x, score
 
 
 class StackedPlanar(ConditionedStackedPlanar, TransformModule):

@@ -99,6 +99,26 @@ def radial_call(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.Ten
     return y, radial_log_det(r, alpha, s, x0.shape[-1]).squeeze(-1)
 
 
+def radial_push_score(x, score, x0, alpha, s) -> Tuple[torch.Tensor, torch.Tensor]:
+    r"""``(y, ∇_y log p_Y(y))`` for one radial layer ``y = f(x)``, given
+    ``score = ∇_x log p_X(x)``, without an inverse. With ``d = x - x0``, ``r = |d|``,
+    ``n = d / r``: ``J = c I + e n nᵀ`` (``c = (s + r)/(α + r)``,
+    ``c + e = (αs + 2αr + r²)/(α + r)²``) is symmetric, ``J^{-1} v = v / c + n (n·v)(1/(c+e) - 1/c)``,
+    and ``∇_x log det J = L'(r) n`` with
+    ``L'(r) = (D-1)(1/(s+r) - 1/(α+r)) + 2(α+r)/(αs + 2αr + r²) - 2/(α+r)``.
+    """
+    D = x.shape[-1]
+    d = x - x0
+    r = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
+    n = d / r.clamp_min(torch.finfo(r.dtype).tiny)
+    a, sr, quad = alpha + r, s + r, alpha * s + r * (2 * alpha + r)
+    dlog = (D - 1) * (1 / sr - 1 / a) + 2 * a / quad - 2 / a
+    v = score - dlog * n
+    inv_c, inv_ce = a / sr, a * a / quad
+    v = v * inv_c + n * (n * v).sum(-1, keepdim=True) * (inv_ce - inv_c)
+    return x + ((s - alpha) / a) * d, v
+
+
 def _unpack_radial(params) -> Params:
     x0, alpha_prime, beta_prime = params() if callable(params) else params
     if alpha_prime.shape[-1:] != (1,) or beta_prime.shape[-1:] != (1,):
@@ -136,6 +156,14 @@ class ConditionedRadial(ConditionedFlow):
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         return self.inverse_and_ladj(y)[0]
+
+    @torch.no_grad()
+    def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, without an
+        inverse (see :func:`radial_push_score`); used for sticking-the-landing gradients."""
+        x0, alpha_prime, beta_prime = _unpack_radial(self._params)
+        alpha, _, s = radial_ab(alpha_prime, beta_prime)
+        return radial_push_score(x, score, x0, alpha, s)
 
 
 class Radial(ConditionedRadial, TransformModule):
@@ -274,6 +302,16 @@ class ConditionedStackedRadial(ConditionedFlow):
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         return self.inverse_and_ladj(y)[0]
+
+    @torch.no_grad()
+    def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, layer by
+        layer without an inverse (see :func:`radial_push_score`)."""
+        x0, alpha_prime, beta_prime = _unpack_stacked_radial(self._params)
+        alpha, _, s = radial_ab(alpha_prime, beta_prime)
+        for k in range(x0.shape[-2]):
+            x, score = radial_push_score(x, score, x0[..., k, :], alpha[..., k, :], s[..., k, :])
+        return x, score
 
 
 class StackedRadial(ConditionedStackedRadial, TransformModule):
