@@ -540,6 +540,15 @@ def test_auto_sylvester_flow_starts_at_the_affine_base_and_fits():
         AutoSylvesterFlow(model, bottleneck=2.5)
 
 
+def test_docstring_examples():
+    import doctest
+
+    import pyro_nfvi.transforms.sylvester as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0
+
+
 def test_bench_sylvester_quick_runs(capsys):
     import importlib.util
     from pathlib import Path

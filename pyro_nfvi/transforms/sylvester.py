@@ -651,7 +651,7 @@ class ConditionalStackedSylvester(_ConditionalSylvesterBase):
     >>> from pyro.nn import DenseNN
     >>> from pyro_nfvi.transforms import ConditionalStackedSylvester
     >>> flow = ConditionalStackedSylvester(
-    ...     DenseNN(3, [16], param_dims=[6, 6, 6]), 2, num_flows=3, kind="triangular")
+    ...     DenseNN(3, [16], param_dims=[6, 9, 9]), 2, num_flows=3, kind="triangular")
     >>> flow.condition(torch.randn(5, 3))(torch.randn(5, 2)).shape
     torch.Size([5, 2])
 
