@@ -346,6 +346,23 @@ def test_no_nan_at_the_edges(M, rho, where, dtype):
         assert ((x_back - x).abs() / x.abs().clamp_min(1)).max() < tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_no_nan_as_r_tilde_diagonal_vanishes(dtype):
+    """sigma -> -inf: R~_ii = softplus(sigma) -> 0 and R_ii = d / R~_ii grows, floored so
+    that everything stays finite (softplus(-800) is 0 in float64)."""
+    b, R, Rt, U = _edge_params(3, 2, 0.3, torch.float64)
+    with torch.no_grad():
+        Rt.diagonal().fill_(-800.0)
+    params = tuple(p.detach().to(dtype).requires_grad_() for p in (b, R, Rt, U))
+    t = ConditionedSylvester(params)
+    x = torch.randn(5, 3, dtype=dtype) * 3
+    y, ladj = t.call_and_ladj(x)
+    grads = torch.autograd.grad(y.sum() + ladj.sum(), params)
+    assert torch.isfinite(y).all() and torch.isfinite(ladj).all()
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(t._inverse(y.detach())).all()
+
+
 def test_log_det_has_no_cancellation_near_singular():
     """d = -1 + 1e-30 (rho = log 1e-30): at a = 0 the layer's det factor is q = 1e-30
     exactly, which 1 + d h'(a) would round to 0."""

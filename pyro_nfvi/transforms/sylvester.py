@@ -144,8 +144,8 @@ def sylvester_triangles(R_raw: torch.Tensor, Rt_raw: torch.Tensor):
     ``R_ii = (q - 1) / R_tilde_ii`` (so ``R_tilde_ii R_ii = q - 1 > -1``)."""
     q = F.softplus(R_raw.diagonal(dim1=-2, dim2=-1))
     rt_diag = F.softplus(Rt_raw.diagonal(dim1=-2, dim2=-1))
-    # floor: softplus underflows to 0 below about -745 in float64
-    rt_diag = rt_diag.clamp_min(torch.finfo(rt_diag.dtype).tiny)
+    # floor at eps, not tiny: R_ii = d / R~_ii must stay finite (<= 1/eps) as sigma -> -inf
+    rt_diag = rt_diag.clamp_min(torch.finfo(rt_diag.dtype).eps)
     q = q.clamp_min(torch.finfo(q.dtype).tiny)
     R = R_raw.triu(1) + torch.diag_embed((q - 1) / rt_diag)
     Rt = Rt_raw.triu(1) + torch.diag_embed(rt_diag)
