@@ -58,6 +58,20 @@ def _as_contiguous(xp, a):
     return np.ascontiguousarray(a) if xp is np else a.contiguous()
 
 
+# Products with at least this many multiply-adds run in torch (see :func:`_mm`).
+_TORCH_MATMUL_MIN = 1 << 16
+
+
+def _mm(xp, a, b):
+    """``a @ b`` for a 2-D ``a`` and a 1-D or 2-D ``b``. Large NumPy products go through ``torch.matmul`` on
+    zero-copy views: NumPy's BLAS keeps its own thread pool, which ignores
+    ``torch.set_num_threads`` (and oversubscribes a machine where torch was limited);
+    small ones stay in NumPy, where the call is cheaper and BLAS does not spawn threads."""
+    if xp is np and a.shape[0] * a.shape[1] * (b.shape[1] if b.ndim == 2 else 1) >= _TORCH_MATMUL_MIN:
+        return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
+    return a @ b
+
+
 # The scalar recurrences cost O(K²) Python operations: past ~80 layers one NumPy call
 # per layer is cheaper.
 _SCALAR_MAX_LAYERS = 64
@@ -104,10 +118,10 @@ def _planar_forward(xp, x, th):
     D = x.shape[1]
     u, w, b = th[:, :D], th[:, D : 2 * D], th[:, 2 * D]
     u_hat, q, parts = planar_u_hat_parts(u, w, xp)  # q (K, 1)
-    m = w @ u_hat.T  # (K, K): w_k·û_j, used for j < k only
-    a = w @ x.T + b[:, None]  # (K, N)
+    m = _mm(xp, w, u_hat.T)  # (K, K): w_k·û_j, used for j < k only
+    a = _mm(xp, w, x.T) + b[:, None]  # (K, N)
     t = _planar_recurrence(xp, a, m)
-    y = x + t.T @ u_hat
+    y = x + _mm(xp, t.T, u_hat)
     det = planar_det(t, q, xp)  # (K, N)
     return y, xp.log(det).sum(0), (t, det, u_hat, q, m, parts)
 
@@ -120,10 +134,12 @@ def _planar_backward(xp, x, th, saved, gy, gl):
     gl_det = gl[None, :] / det  # (K, N): d/d det_k of the summed log-det
     g_q = (gl_det * s_t).sum(1)[:, None]
     # c_k = dL/dt_k through y and through the log-det (d det/dt = 2 t (1 - q))
-    c = u_hat @ gy.T + gl_det * (2 * t) * (1 - q)
+    c = _mm(xp, u_hat, gy.T) + gl_det * (2 * t) * (1 - q)
     g = _planar_recurrence_grad(xp, c, s_t, m)  # g_k = dL/da_k
-    p = xp.tril(g @ t.T, -1)  # p_kj = Σ_n g_kn t_jn, j < k
-    g_x = gy + g.T @ w
+    p = xp.tril(_mm(xp, g, t.T), -1)  # p_kj = Σ_n g_kn t_jn, j < k
+    g_x = gy + _mm(xp, g.T, w)
+    if D >= _PLANAR_BASIS_MIN_D:
+        return g_x, _planar_param_grad_large_d(xp, x, th, saved, gy, g, p, g_q)
     g_u_hat = p.T @ w + t @ gy
     # back through û = u + coef w and q = softplus(a) s + (1 + a)(1 - s), a = w·u
     # (the clamp of q at `tiny` never binds in practice and is ignored)
@@ -137,6 +153,49 @@ def _planar_backward(xp, x, th, saved, gy, gl):
     g_th[:, D : 2 * D] = coef * g_u_hat + g_a * u + 2 * g_wn2 * w + p @ u_hat + g @ x
     g_th[:, 2 * D] = g.sum(1)
     return g_x, g_th
+
+
+# From this dimension on, the parameter gradient of a planar stack is assembled with
+# two products against the stacked rows [u; w; gy; x] (few passes over (K, D) arrays)
+# instead of a dozen elementwise ops on (K, D) temporaries.
+_PLANAR_BASIS_MIN_D = 256
+
+
+def _planar_param_grad_large_d(xp, x, th, saved, gy, g, p, g_q):
+    """The gradient of :func:`_planar_backward` w.r.t. ``th = [u | w | b]`` for large D.
+
+    With ``û = u + coef w`` the two (K, D) blocks are linear in the rows of
+    ``B = [u; w; gy; x]``:
+    ``g_u = (pᵀ + diag g_a) w + t gy`` and
+    ``g_w = (diag g_a + p) u + (coef pᵀ + diag(2 g_‖w‖²) + p coefᵀ) w + (coef t) gy + g x``,
+    and ``g_coef_k = (g_û)_k·w_k`` comes from the Gram products ``w wᵀ`` and ``gy wᵀ``.
+    So the work is one copy of ``B`` and three matrix products, whatever ``K``.
+    """
+    K, D, N = th.shape[0], x.shape[1], x.shape[0]
+    t, det, u_hat, q, m, (wu, sp, den, coef, s) = saved
+    basis = xp.empty((2 * K + 2 * N, D), dtype=x.dtype)
+    basis[:K], basis[K : 2 * K] = th[:, :D], th[:, D : 2 * D]
+    basis[2 * K : 2 * K + N], basis[2 * K + N :] = gy, x
+    w_gy = basis[K : 2 * K + N]
+    gram = _mm(xp, w_gy, basis[K : 2 * K].T)  # (K + N, K): w_j·w_k and gy_n·w_k
+    g_coef = ((p * gram[:K]).sum(0) + (t * gram[K:].T).sum(1))[:, None]
+    sig = softplus_grad(xp, wu)
+    g_a = g_coef * (sig - 1) / den + g_q * (sig * s + 1 - s)
+    floor = xp.finfo(x.dtype).eps ** 2
+    g_wn2 = xp.where(s == 1, -g_coef * coef / den, g_q * (sp - 1 - wu) / floor)
+    eye = xp.eye(K, dtype=x.dtype)
+    coeffs = xp.zeros((2 * K, 2 * K + 2 * N), dtype=x.dtype)
+    coeffs[:K, K : 2 * K] = p.T + eye * g_a
+    coeffs[:K, 2 * K : 2 * K + N] = t
+    coeffs[K:, :K] = eye * g_a + p
+    coeffs[K:, K : 2 * K] = coef * p.T + eye * (2 * g_wn2) + p * coef.T
+    coeffs[K:, 2 * K : 2 * K + N] = coef * t
+    coeffs[K:, 2 * K + N :] = g
+    r = _mm(xp, coeffs, basis)  # (2K, D): [g_u; g_w]
+    g_th = xp.empty_like(th)
+    g_th[:, :D], g_th[:, D : 2 * D] = r[:K], r[K:]
+    g_th[:, 2 * D] = g.sum(1)
+    return g_th
 
 
 # Below this dimension the radial kernel works on contiguous copies of x^T (D, N);
@@ -211,7 +270,7 @@ def _radial_backward(xp, x, th, saved, gy, gl):
         gdot[...] = _dot0(xp, gt, d)
         xp.add(c0[k], c1[k] * gdot, out=coef)
         if gs is None:
-            g_th[k, :D] = -(gt @ phi[k] + d @ coef)
+            g_th[k, :D] = -(_mm(xp, gt, phi[k]) + _mm(xp, d, coef))
         else:
             gs[k] = gt
         gt *= one_phi[k]

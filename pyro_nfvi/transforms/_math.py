@@ -35,6 +35,14 @@ def softplus_grad(xp, a):
     return xp.where(a > _SOFTPLUS_THRESHOLD, 1.0, z / (z + 1))
 
 
+def rowdot(xp, a, b):
+    """``(a * b).sum(-1)`` with the last dim kept; in NumPy for long rows one pass
+    (``einsum``) without the ``a * b`` temporary (D ≥ 10⁴ latents: memory-bound)."""
+    if xp is np and a.shape[-1] >= 64:
+        return np.einsum("...d,...d->...", a, b)[..., None]
+    return (a * b).sum(-1)[..., None]
+
+
 def planar_u_hat_parts(u, w, xp=torch):
     """``(u_hat, q, (a, sp, den, coef, s))`` with ``u_hat = u + coef w``,
     ``coef = (softplus(a) - 1 - a) / den``, ``a = w·u``, ``den = max(‖w‖², eps²)``,
@@ -45,8 +53,8 @@ def planar_u_hat_parts(u, w, xp=torch):
     then a translation and already invertible) instead of NaN; ``q`` is written without
     cancellation, ``q = softplus(a) s + (1 + a)(1 - s)``.
     """
-    a = (w * u).sum(-1)[..., None]
-    wn2 = (w * w).sum(-1)[..., None]
+    a = rowdot(xp, w, u)
+    wn2 = rowdot(xp, w, w)
     sp = softplus(xp, a)
     den = maximum(xp, wn2, xp.finfo(wn2.dtype).eps ** 2)
     coef = (sp - 1 - a) / den
