@@ -266,9 +266,70 @@ def _run_latents(messenger: Messenger, model: Callable, args, kwargs) -> None:
         pass
 
 
-#: initial centredness of hierarchical sites: near the non-centred end, where funnels are
-#: Gaussian; the ELBO moves it towards 1 where the data dominate the prior.
-_INIT_CENTERING = 0.02
+#: bounds of the initial centredness: strictly inside (0, 1), so the ELBO can move it
+_CENTERING_BOUNDS = (0.02, 0.98)
+#: above this many coordinates the curvature of a site is estimated from one
+#: Hessian-vector product (row sums) instead of one per coordinate
+_EXACT_CURVATURE_MAX = 32
+
+
+class _Unconstrained(Messenger):
+    """Runs the model with every latent site set from a leaf tensor in unconstrained space
+    (at the prototype values), recording the leaves and each site's prior scale."""
+
+    def __init__(self, values: Dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.values = values
+        self.leaves: Dict[str, torch.Tensor] = {}
+        self.scales: Dict[str, torch.Tensor] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if msg["is_observed"] or name not in self.values:
+            return
+        transform = biject_to(msg["fn"].support)
+        leaf = transform.inv(self.values[name]).detach().clone().requires_grad_()
+        params = _loc_scale(msg["fn"])
+        if params is not None:
+            self.scales[name] = torch.as_tensor(params[1]).detach()
+        self.leaves[name] = leaf
+        msg["value"] = transform(leaf)
+        msg["is_observed"] = True
+
+
+def _shrinkage(model: Callable, values: Dict[str, torch.Tensor], name: str, args, kwargs) -> torch.Tensor:
+    r"""Initial centredness of the hierarchical site ``name``, per coordinate: the
+    shrinkage factor :math:`\kappa = \tau^2 I / (1 + \tau^2 I)` of a Normal–Normal model,
+    with :math:`\tau` the site's prior scale and :math:`I` the curvature of the rest of
+    the log joint in that coordinate, at the prototype values. For
+    :math:`\theta \sim N(\mu, \tau)` observed with noise :math:`s` (:math:`I = 1/s^2`),
+    :math:`c = \kappa` makes the partially centred coordinate's posterior scale
+    independent of :math:`\tau` to first order (Gorinova, Moore & Hoffman 2020, §3): no
+    data gives 0 (non-centred, a funnel made Gaussian), strong data gives 1 (centred)."""
+    lo, hi = _CENTERING_BOUNDS
+    probe = _Unconstrained(values)
+    with torch.enable_grad():
+        trace = poutine.block(poutine.trace(probe(model)).get_trace)(*args, **kwargs)
+        trace.compute_log_prob()
+        leaf = probe.leaves[name]
+        rest = sum(site["log_prob_sum"] for n, site in trace.nodes.items()
+                   if site["type"] == "sample" and n != name)
+        if not (torch.is_tensor(rest) and rest.requires_grad):
+            return torch.full(leaf.shape, lo)
+        (grad,) = torch.autograd.grad(rest, leaf, create_graph=True, allow_unused=True)
+        if grad is None or not grad.requires_grad:  # nothing else depends on the site
+            return torch.full(leaf.shape, lo)
+        flat = grad.reshape(-1)
+        if flat.numel() <= _EXACT_CURVATURE_MAX:
+            diag = torch.stack([
+                torch.autograd.grad(flat[j], leaf, retain_graph=True)[0].reshape(-1)[j]
+                for j in range(flat.numel())
+            ])
+        else:
+            diag = torch.autograd.grad(flat.sum(), leaf)[0].reshape(-1)
+    info = (-diag).clamp_min(0).reshape(leaf.shape).detach()
+    tau2 = probe.scales[name].expand(leaf.shape) ** 2
+    return (tau2 * info / (1 + tau2 * info)).clamp(lo, hi)
 
 
 def _arg_shapes(args, kwargs) -> tuple:
@@ -511,7 +572,7 @@ class AutoNormalizingFlow(AutoContinuous):
     def _setup_hierarchical(self, args, kwargs) -> None:
         """Find the Normal/LogNormal sites whose prior loc or scale depends on another latent
         site (the centred hierarchical sites that make funnels), and give each a learnable
-        centredness (``centered=None``) initialised at ``_INIT_CENTERING``."""
+        centredness (``centered=None``) initialised by :func:`_shrinkage`."""
         self._hierarchical = {}
         if self.centered == 1.0:
             return
@@ -525,7 +586,10 @@ class AutoNormalizingFlow(AutoContinuous):
             self._hierarchical[name] = slice(pos, pos + size)
             pos += size
         if pos and self.centered is None:
-            init = torch.full((pos,), _INIT_CENTERING, dtype=self.loc.dtype, device=self.loc.device)
+            init = torch.cat([
+                _shrinkage(self.model, values, name, args, kwargs).reshape(-1)
+                for name in self._hierarchical
+            ]).to(dtype=self.loc.dtype, device=self.loc.device)
             self.centering = PyroParam(init, constraints.unit_interval)
 
     def _centering(self, name: str) -> Optional[torch.Tensor]:
@@ -620,6 +684,14 @@ class AutoNormalizingFlow(AutoContinuous):
             self._base_dist_cache = cached
         return cached[1]
 
+    def _flow(self) -> Transform:
+        """The flow; read past PyroModule's ``pyro.module`` registration when all its
+        parameters are frozen (that registration would only warn, once per parameter)."""
+        module = self._modules.get("transform")
+        if module is not None and not any(p.requires_grad for p in module.parameters()):
+            return module
+        return self.transform
+
     def _affine(self) -> Transform:
         if self.full_rank:
             return LowerCholeskyAffine(
@@ -641,7 +713,7 @@ class AutoNormalizingFlow(AutoContinuous):
                 "scale, which is not one fixed transform of the latent vector. Construct "
                 "the guide with centered=1.0 to use it with NeuTraReparam."
             )
-        return ComposeTransform([self.transform, self._affine()])
+        return ComposeTransform([self._flow(), self._affine()])
 
     def get_posterior(self, *args, **kwargs) -> dist.TransformedDistribution:
         """
@@ -651,7 +723,7 @@ class AutoNormalizingFlow(AutoContinuous):
         value provided the flow implements its inverse.
         """
         self._check_setup(*args, **kwargs)
-        transforms = [self.transform, self._affine()]
+        transforms = [self._flow(), self._affine()]
         base = self.get_base_dist()
         cached = getattr(self, "_posterior_template", None)
         if cached is None or cached.base_dist is not base:
