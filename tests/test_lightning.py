@@ -429,3 +429,15 @@ def test_module_local_params_mode(float64, guide_kind):
             optim.step()
         assert all(not torch.equal(before[n], p) for n, p in module.named_parameters())
     assert len(pyro.get_param_store()) == 0
+
+
+@pytest.mark.slow
+def test_ddp_digits_benchmark_smoke():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, os.path.join(root, "benchmarks", "ddp_digits.py"), "--epochs", "1",
+           "--eval-samples", "10", "--num-flows", "2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = out.stdout.split(" N  steps")[1].splitlines()[1:3]
+    assert [int(line.split()[0]) for line in table] == [1, 2]
+    assert [int(line.split()[1]) for line in table] == [30, 15]  # 1500 rows, 50 per rank and step
