@@ -292,3 +292,37 @@ def test_trace_module_holding_the_guide():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace_module(Draw(), {"forward": (torch.zeros(2),)}, check_trace=False)
     assert traced(torch.zeros(2)).shape == (2,)
+
+
+# ------------------------------------------------------------- fit defaults
+def test_fit_default_uses_vectorised_particles():
+    from pyro_nfvi.infer import DEFAULT_NUM_PARTICLES, fit
+
+    shapes = []
+
+    def model(data):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        shapes.append(tuple(z.shape))
+        with pyro.plate("n", len(data)):
+            pyro.sample("obs", dist.Normal(z, 1.0), obs=data)
+
+    fit(model, AutoPlanarFlow(model, num_flows=2), torch.zeros(3), num_steps=2, progress=False)
+    assert (DEFAULT_NUM_PARTICLES, 1) in shapes
+
+
+def test_fit_falls_back_to_sequential_particles():
+    from pyro_nfvi.infer import fit
+
+    calls = []
+
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        calls.append(tuple(z.shape))
+        if z.dim():  # a model written for one draw at a time
+            raise RuntimeError("this model cannot broadcast")
+        pyro.sample("x", dist.Normal(z, 1.0), obs=torch.tensor(0.5))
+
+    with pytest.warns(RuntimeWarning, match="sequential particles"):
+        losses = fit(model, AutoPlanarFlow(model, num_flows=2), num_steps=3, num_particles=4,
+                     progress=False)
+    assert len(losses) == 3 and all(map(torch.isfinite, torch.tensor(losses)))
