@@ -308,7 +308,7 @@ def _shrinkage(model: Callable, values: Dict[str, torch.Tensor], name: str, args
     data gives 0 (non-centred, a funnel made Gaussian), strong data gives 1 (centred)."""
     lo, hi = _CENTERING_BOUNDS
     probe = _Unconstrained(values)
-    with torch.enable_grad():
+    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
         trace = poutine.block(poutine.trace(probe(model)).get_trace)(*args, **kwargs)
         trace.compute_log_prob()
         leaf = probe.leaves[name]
@@ -578,7 +578,7 @@ class AutoNormalizingFlow(AutoContinuous):
             return
         values = {name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()}
         probe = _FindHierarchical(values)
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
             _run_latents(probe, self.model, args, kwargs)
         pos = 0
         for name in probe.found:
@@ -616,7 +616,8 @@ class AutoNormalizingFlow(AutoContinuous):
         if shapes == self._arg_shapes:
             return
         model = poutine.block(self.model, self._prototype_hide_fn)
-        trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+        with torch.random.fork_rng(devices=[]):  # leave the user's random stream alone
+            trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
         for name, site in trace.iter_stochastic_nodes():
             old = self.prototype_trace.nodes.get(name)
             if old is None or old["value"].shape != site["value"].shape:
