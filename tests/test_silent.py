@@ -410,7 +410,7 @@ def test_fused_planar_large_d_gradients_match_plain_loop(dtype, N):
         y, ladj = fn(x, flow.theta)
         return torch.autograd.grad((y * gy).sum() + (3 * ladj).sum(), (x, flow.theta))
 
-    fused = grads(_fused.planar_stack)
+    fused = grads(_fused.planar_stack_kernel)
     _fused._PLAIN_DEPTH += 1  # force the plain autograd loop
     try:
         plain = grads(stacked_planar_packed)

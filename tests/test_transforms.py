@@ -528,3 +528,89 @@ def test_fused_planar_batch_shapes_and_long_stacks(K, shape):
         g_ref = torch.autograd.grad(y_ref.sum() + ladj_ref.sum(), [x, theta])
         for a, b in zip(g, g_ref):
             assert torch.allclose(a, b, atol=1e-9)
+
+
+@pytest.mark.parametrize("route", ["fused-numpy", "fused-torch"])
+@pytest.mark.parametrize(
+    "kind, D, N",
+    [("planar", 3, 1), ("planar", 3, 7), ("planar", 256, 3), ("radial", 3, 7), ("radial", 16, 3)],
+)
+def test_every_kernel_route_matches_autograd(route, kind, D, N):
+    """Every route of ``_fused.KERNEL_ROUTES`` (each with the layouts its thresholds pick:
+    planar's basis products from D = 256, radial's views from D = 16) equals the plain
+    autograd loop in value and in the gradient of x and of the packed parameters: an edit
+    of the shared math that the hand-written backward does not follow fails here."""
+    from pyro_nfvi.transforms import _fused
+    from pyro_nfvi.transforms.planar import stacked_planar_packed
+    from pyro_nfvi.transforms.radial import stacked_radial_packed
+
+    assert set(_fused.KERNEL_ROUTES) == {"fused-numpy", "fused-torch"}  # update the parametrisation
+    assert (_fused._PLANAR_BASIS_MIN_D, _fused._RADIAL_COPY_BELOW_D) == (256, 16)  # and the sizes
+    gen = torch.Generator().manual_seed(D + N)
+    K = 4
+    P = 2 * D + 1 if kind == "planar" else D + 2
+    theta = (torch.randn(K, P, generator=gen, dtype=torch.float64) * 1.5).requires_grad_()
+    x = (torch.randn(N, D, generator=gen, dtype=torch.float64) * 2).requires_grad_()
+    kernel = _fused.planar_stack_kernel if kind == "planar" else _fused.radial_stack_kernel
+    plain = stacked_planar_packed if kind == "planar" else stacked_radial_packed
+    assert _fused.stack_route(x, theta) == "fused-numpy"  # CPU float64, unbatched
+    y_k, l_k = kernel(x, theta, route)
+    _fused._PLAIN_DEPTH += 1  # the plain loop
+    try:
+        assert _fused.stack_route(x, theta) == "plain"
+        y_p, l_p = plain(x, theta)
+    finally:
+        _fused._PLAIN_DEPTH -= 1
+    assert torch.allclose(y_k, y_p, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(l_k, l_p, rtol=1e-12, atol=1e-12)
+    gy, gl = torch.randn(y_k.shape, generator=gen, dtype=torch.float64), torch.randn(l_k.shape, generator=gen, dtype=torch.float64)
+    g_k = torch.autograd.grad((y_k * gy).sum() + (l_k * gl).sum(), (x, theta))
+    g_p = torch.autograd.grad((y_p * gy).sum() + (l_p * gl).sum(), (x, theta))
+    for a, b in zip(g_k, g_p):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+
+
+def test_stack_route_picks_plain_where_no_kernel_applies():
+    from pyro_nfvi.transforms import _fused
+
+    x, theta = torch.randn(3, 2), torch.randn(4, 5)
+    assert _fused.stack_route(x, theta) == "fused-numpy"
+    assert _fused.stack_route(x, theta.expand(2, 4, 5)) == "plain"  # batched parameters
+    assert _fused.stack_route(x, theta[:1]) == "plain"  # one layer
+    assert _fused.stack_route(x.double(), theta) == "plain"  # dtype mismatch
+    assert _fused.stack_route(x.half(), theta.half()) == "fused-torch"
+    with pytest.raises(ValueError, match="route"):
+        _fused.planar_stack_kernel(x, theta, "plain")
+
+
+def test_run_compiled_falls_back_only_when_compile_is_unavailable(monkeypatch):
+    """A compile-unavailable error (here inductor's missing C++ compiler) warns once and
+    runs eagerly from then on; any other error inside the compiled call propagates."""
+    from pyro_nfvi._compat import compile_unavailable_errors
+    from pyro_nfvi.transforms import _fused
+
+    unavailable = [e for e in compile_unavailable_errors() if e.__name__ == "InvalidCxxCompiler"]
+    assert unavailable, compile_unavailable_errors()
+
+    def raising(err):
+        def compiled(*args):
+            raise err
+        return lambda fn: compiled
+
+    flow = helpers.planar_flow(2, 3, compile=True)
+    x = torch.randn(5, 2)
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", raising(unavailable[0]()))
+    with pytest.warns(RuntimeWarning, match="unavailable"):
+        y, ladj = flow.call_and_ladj(x)
+    assert flow.compile is False
+    flow.compile = False
+    y_ref, ladj_ref = flow.call_and_ladj(x)
+    assert torch.equal(y, y_ref) and torch.equal(ladj, ladj_ref)
+
+    flow.compile = True
+    monkeypatch.setattr(_fused, "_COMPILED", {})
+    monkeypatch.setattr(torch, "compile", raising(ZeroDivisionError("a bug, not a missing compiler")))
+    with pytest.raises(ZeroDivisionError):
+        flow.call_and_ladj(x)
+    assert flow.compile is True

@@ -3,35 +3,32 @@
 from __future__ import annotations
 
 from functools import partial
-
 from typing import Any, Callable, Optional, Tuple
 
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 from torch.distributions import Transform, constraints
 
+from .._compat import functorch_transforms_active, tensor_version
+from .._validation import check_context, check_hidden_dims, check_int
 
-def check_input_dim(input_dim, name: str = "input_dim") -> int:
-    """Return ``input_dim`` as an int, or raise if it is not a positive integer."""
-    if isinstance(input_dim, bool) or not isinstance(input_dim, int):
-        raise TypeError(f"{name} must be a positive int, got {input_dim!r} ({type(input_dim).__name__})")
-    if input_dim < 1:
-        raise ValueError(f"{name} must be a positive int, got {input_dim}")
-    return input_dim
+__all__ = [
+    "ConditionalFlow",
+    "ConditionedFlow",
+    "LadjCacheMixin",
+    "as_real_input",
+    "check_context",
+    "check_event",
+    "check_hidden_dims",
+    "check_input_dim",
+    "nn_context_dim",
+]
 
 
-def check_hidden_dims(hidden_dims) -> list:
-    if isinstance(hidden_dims, int) or not hasattr(hidden_dims, "__iter__"):
-        raise ValueError(
-            f"hidden_dims must be a sequence of positive ints, e.g. [20, 20], got {hidden_dims!r}"
-        )
-    hidden_dims = list(hidden_dims)
-    for h in hidden_dims:
-        if isinstance(h, bool) or not isinstance(h, int) or h < 1:
-            raise ValueError(
-                f"hidden_dims must be a sequence of positive ints, got {hidden_dims!r}"
-            )
-    return hidden_dims
+def check_input_dim(input_dim: Any, name: str = "input_dim") -> int:
+    """``input_dim`` as an int, or :class:`~pyro_nfvi._validation.ArgumentError` (a
+    ``TypeError`` and a ``ValueError``) unless it is a positive integer."""
+    return check_int(input_dim, name, 1)
 
 
 def as_real_input(x: torch.Tensor, name: str = "x", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -78,16 +75,6 @@ def check_event(
     return x
 
 
-def check_context(context: torch.Tensor, context_dim: Optional[int]) -> None:
-    if not isinstance(context, torch.Tensor):
-        raise TypeError(f"context must be a torch.Tensor, got {type(context).__name__}")
-    if context_dim is not None and (context.dim() < 1 or context.shape[-1] != context_dim):
-        raise ValueError(
-            f"context must have shape (..., {context_dim}) (last dim = context_dim), "
-            f"got shape {tuple(context.shape)}"
-        )
-
-
 def nn_context_dim(nn: torch.nn.Module) -> Optional[int]:
     """The context size a hypernetwork expects, if it says (Pyro's DenseNN does)."""
     dim = getattr(nn, "input_dim", None)
@@ -97,9 +84,7 @@ def nn_context_dim(nn: torch.nn.Module) -> Optional[int]:
 def _no_value_checks() -> bool:
     """Tracing, compiling or a ``torch.func`` transform: tensors there are symbolic or
     batched, so cache entries cannot be compared by value."""
-    from ._fused import _functorch_active
-
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active()
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or functorch_transforms_active()
 
 
 class _CacheEntry:
@@ -116,7 +101,7 @@ class _CacheEntry:
         if self.symbolic:
             self.versions, self.params = None, None
         else:
-            self.versions = (x._version, y._version)
+            self.versions = (tensor_version(x), tensor_version(y))
             self.params = tuple(p.detach().clone() for p in params)
 
     def valid(self, params) -> bool:
@@ -124,7 +109,7 @@ class _CacheEntry:
             # inside one trace only pairs made by a forward pass of that trace are safe:
             # anything else would be baked into the trace as a constant
             return self.symbolic and self.forward
-        if self.symbolic or self.versions != (self.x._version, self.y._version):
+        if self.symbolic or self.versions != (tensor_version(self.x), tensor_version(self.y)):
             return False
         params = tuple(params)
         return len(params) == len(self.params) and all(

@@ -12,30 +12,39 @@ float64 tensors ``xp`` is NumPy on zero-copy views of the tensors: a NumPy call 
 dtypes ``xp`` is torch itself. Both run the same code, checked against each other and
 against the plain autograd loop (``gradcheck`` included) in the tests.
 
-Only used for unbatched parameters (``(K, D)``), the case of a learnable stack; the
-conditional (batched-parameter) case and ``torch.compile`` use the plain autograd loop.
+Which route a stack takes is decided in one place, :func:`stack_route` (see its table).
+Only unbatched parameters (``(K, D)``, a learnable stack) take a kernel; the conditional
+(batched-parameter) case and ``torch.compile`` use the plain autograd loop of
+:mod:`.planar` / :mod:`.radial`. Every kernel route is compared with that loop (values,
+gradients, ``gradcheck``) in ``tests/test_transforms.py::test_every_kernel_route_matches_autograd``,
+which enumerates :data:`KERNEL_ROUTES`: a hand edit of :mod:`._math` that the backward
+does not follow fails there.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
-from operator import mul
 from typing import Callable, Dict, Tuple
 
 import numpy as np
 import torch
 
+from .._compat import compile_unavailable_errors, functorch_transforms_active
 from ._math import maximum, planar_det, planar_u_hat_parts, radial_ab, radial_log_det, softplus_grad
 
-# Set to False to run the kernels in torch on CPU too (the tests compare both).
+# Test hook: False sends CPU float32/float64 stacks down the torch kernel too (the tests
+# compare both kernels on one machine). Read only by :func:`stack_route`.
 USE_NUMPY = True
 
+#: The routes of a K-layer planar/radial stack (see :func:`stack_route`).
+PLAIN, FUSED_NUMPY, FUSED_TORCH = "plain", "fused-numpy", "fused-torch"
+#: The routes that run a hand-written backward: each is checked against autograd.
+KERNEL_ROUTES = (FUSED_NUMPY, FUSED_TORCH)
 
-def _namespace(*tensors: torch.Tensor):
-    """``(xp, arrays)``: NumPy views of CPU float32/float64 tensors, else torch."""
-    t = tensors[0]
-    if USE_NUMPY and t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+
+def _namespace(route: str, *tensors: torch.Tensor):
+    """``(xp, arrays)`` for a kernel route: NumPy views of the tensors, or torch itself."""
+    if route == FUSED_NUMPY:
         # contiguous: autograd's grads are often broadcast (stride 0), which sends NumPy's
         # matmul down a slow non-BLAS path
         return np, [np.ascontiguousarray(a.detach().numpy()) for a in tensors]
@@ -72,21 +81,9 @@ def _mm(xp, a, b):
     return a @ b
 
 
-# The scalar recurrences cost O(K²) Python operations: past ~80 layers one NumPy call
-# per layer is cheaper.
-_SCALAR_MAX_LAYERS = 64
-
-
 def _planar_recurrence(xp, a, m):
     """``t_k = tanh(a_k + Σ_{j<k} m_kj t_j)`` for ``a (K, N)``, ``m (K, K)``."""
-    K, N = a.shape
-    if xp is np and N == 1 and K <= _SCALAR_MAX_LAYERS:
-        # one row (an SVI step with one particle): plain Python floats, ~3x faster
-        # than a NumPy call per layer at K = 16-32; computed in double precision
-        a_, m_, t = a[:, 0].tolist(), m.tolist(), []
-        for k in range(K):
-            t.append(math.tanh(a_[k] + sum(map(mul, m_[k], t))))  # zip stops at j = k
-        return np.array(t, dtype=a.dtype)[:, None]
+    K = a.shape[0]
     t = xp.zeros_like(a)
     for k in range(K):
         xp.tanh(a[k] + m[k, :k] @ t[:k], out=t[k])
@@ -95,12 +92,7 @@ def _planar_recurrence(xp, a, m):
 
 def _planar_recurrence_grad(xp, c, s, m):
     """``g_k = s_k (c_k + Σ_{j>k} m_jk g_j)``, the adjoint of :func:`_planar_recurrence`."""
-    K, N = c.shape
-    if xp is np and N == 1 and K <= _SCALAR_MAX_LAYERS:
-        c_, s_, mt, g = c[:, 0].tolist(), s[:, 0].tolist(), m.T.tolist(), [0.0] * K
-        for k in reversed(range(K)):
-            g[k] = s_[k] * (c_[k] + sum(map(mul, mt[k][k + 1 :], g[k + 1 :])))
-        return np.array(g, dtype=c.dtype)[:, None]
+    K = c.shape[0]
     g = xp.zeros_like(c)
     mt = m.T
     for k in reversed(range(K)):
@@ -295,8 +287,8 @@ class _FusedStack(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, theta, kernels):
-        xp, (xa, tha) = _namespace(x, theta)
+    def forward(ctx, x, theta, kernels, route):
+        xp, (xa, tha) = _namespace(route, x, theta)
         shape = tuple(x.shape)
         xa = xa.reshape(-1, shape[-1])
         with np.errstate(all="ignore"):  # torch does not warn on overflow either
@@ -309,7 +301,7 @@ class _FusedStack(torch.autograd.Function):
                 y, ladj, saved = kernels[0](xp, xa, tha)
                 y, ladj = y.astype(np.float32), ladj.astype(np.float32)
         ctx.save_for_backward(x, theta)  # for autograd's in-place modification check
-        ctx.saved, ctx.inputs, ctx.kernels, ctx.shape = saved, (xa, tha), kernels, shape
+        ctx.saved, ctx.inputs, ctx.kernels, ctx.shape, ctx.route = saved, (xa, tha), kernels, shape, route
         return _to_torch(xp, y.reshape(shape), ladj.reshape(shape[:-1]))
 
     @staticmethod
@@ -317,7 +309,7 @@ class _FusedStack(torch.autograd.Function):
         x, theta = ctx.saved_tensors  # raises if x or theta was modified in place since forward
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             return _plain_backward(ctx, x, theta, gy, gl)
-        xp, (gya, gla) = _namespace(gy, gl)
+        xp, (gya, gla) = _namespace(ctx.route, gy, gl)
         (xa, tha), D = ctx.inputs, ctx.shape[-1]
         if ctx.upcast:
             gya, gla = gya.astype(np.float64), gla.astype(np.float64)
@@ -326,7 +318,7 @@ class _FusedStack(torch.autograd.Function):
         if ctx.upcast:
             g_x, g_th = g_x.astype(np.float32), g_th.astype(np.float32)
         g_x, g_th = _to_torch(xp, g_x.reshape(ctx.shape), g_th)
-        return g_x, g_th, None
+        return g_x, g_th, None, None
 
 
 # > 0 while a backward recomputes a stack with the plain loop (use_fused then says no)
@@ -349,43 +341,81 @@ def _plain_backward(ctx, x, theta, gy, gl):
     grads = iter(torch.autograd.grad((y, ladj), wanted, (gy, gl), create_graph=True, allow_unused=True))
     g_x = next(grads) if ctx.needs_input_grad[0] else None
     g_th = next(grads) if ctx.needs_input_grad[1] else None
-    return g_x, g_th, None
+    return g_x, g_th, None, None
 
 
 _PLANAR = (_planar_forward, _planar_backward)
 _RADIAL = (_radial_forward, _radial_backward)
 
 
-def _functorch_active() -> bool:
-    active = getattr(torch._C, "_are_functorch_transforms_active", None)
-    dual_level = getattr(torch.autograd.forward_ad, "_current_level", -1)  # -1: none open
-    return bool(active is not None and active()) or dual_level >= 0
+def stack_route(x: torch.Tensor, *params: torch.Tensor) -> str:
+    """The one place that picks how a K-layer planar/radial stack runs.
+
+    ================  ===========================================================
+    route             when
+    ================  ===========================================================
+    ``"plain"``       batched parameters (a conditioned stack: no kernel), one
+                      layer (the plain ops are as cheap), ``x`` of another dtype,
+                      tracing / ``torch.compile`` / a ``torch.func`` transform or
+                      forward-mode AD (the kernels have no batching rule or jvp),
+                      or inside the differentiable recompute of a double backward
+    ``"fused-numpy"`` otherwise, CPU float32/float64: the kernels on zero-copy NumPy
+                      views (a NumPy call costs ~0.5-1 µs, a torch op ~3 µs)
+    ``"fused-torch"`` otherwise (CUDA, MPS, half precision): the same kernels in torch
+    ================  ===========================================================
+
+    Measured gains of one reverse-KL training step (forward + backward) over the plain
+    loop, K = 32, D = 2, 1 thread, a loaded 2-core CPU: planar ``fused-numpy`` x6 (batch
+    256) and x7 (one row), ``fused-torch`` x2; radial x5-x7 and x2. A former
+    pure-Python-float recurrence for one row (K <= 64) measured no gain over the NumPy
+    loop and was removed. ``torch.compile`` (``compile=True``) is a user's choice, run by
+    :func:`run_compiled` around the plain loop.
+    """
+    if any(p.dim() != 2 for p in params) or params[0].shape[0] < 2:
+        return PLAIN
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or functorch_transforms_active():
+        return PLAIN
+    if _PLAIN_DEPTH:  # recomputing for a double backward
+        return PLAIN
+    if x.dim() < 1 or x.dtype != params[0].dtype:
+        return PLAIN
+    return _kernel_for(x)
+
+
+def _kernel_for(x: torch.Tensor) -> str:
+    if USE_NUMPY and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        return FUSED_NUMPY
+    return FUSED_TORCH
 
 
 def use_fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether the hand-written stack applies: unbatched params of more than one layer
-    (for one layer the plain ops are as cheap), eager mode, no tracing or compiling, no
-    ``torch.func`` transform (vmap, jacrev, ...) or forward-mode AD in progress, and
-    not inside the differentiable recompute of a double backward."""
-    if any(p.dim() != 2 for p in params) or params[0].shape[0] < 2:
-        return False
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or _functorch_active():
-        return False
-    if _PLAIN_DEPTH:  # recomputing for a double backward
-        return False
-    return x.dim() >= 1 and x.dtype == params[0].dtype
+    """Whether :func:`stack_route` picks a hand-written kernel."""
+    return stack_route(x, *params) != PLAIN
 
 
-def planar_stack(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
+def _kernel_route(x: torch.Tensor, theta: torch.Tensor, route) -> str:
+    if route is None:  # called directly (tests, benchmarks): the kernel of x's device
+        route = _kernel_for(x)
+    if route not in KERNEL_ROUTES:
+        raise ValueError(f"route must be one of {KERNEL_ROUTES}, got {route!r}")
+    if route == FUSED_NUMPY and not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
+        raise ValueError(f"route {FUSED_NUMPY!r} needs CPU float32/float64 tensors, got {x.dtype} on {x.device}")
+    return route
+
+
+def planar_stack_kernel(x, theta, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, ladj)`` of K planar layers from packed raw parameters ``theta = [u | w | b]``
-    of shape ``(K, 2D+1)``; ``x`` of any batch shape."""
-    return _FusedStack.apply(x, theta, _PLANAR)
+    of shape ``(K, 2D+1)``; ``x`` of any batch shape. ``route``: one of
+    :data:`KERNEL_ROUTES` (default: :func:`stack_route`'s choice)."""
+    return _FusedStack.apply(x, theta, _PLANAR, _kernel_route(x, theta, route))
 
 
-def radial_stack(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
+def radial_stack_kernel(x, theta, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, ladj)`` of K radial layers from packed raw parameters
-    ``theta = [x0 | alpha' | beta']`` of shape ``(K, D+2)``; ``x`` of any batch shape."""
-    return _FusedStack.apply(x, theta, _RADIAL)
+    ``theta = [x0 | alpha' | beta']`` of shape ``(K, D+2)``; ``x`` of any batch shape.
+    ``route``: one of :data:`KERNEL_ROUTES` (default: :func:`stack_route`'s choice)."""
+    return _FusedStack.apply(x, theta, _RADIAL, _kernel_route(x, theta, route))
+
 
 
 _COMPILED: Dict[Callable, Callable] = {}
@@ -393,14 +423,16 @@ _COMPILED: Dict[Callable, Callable] = {}
 
 def run_compiled(module, fn: Callable, *args) -> Tuple[torch.Tensor, torch.Tensor]:
     """``torch.compile(fn)(*args)``, falling back to ``fn(*args)`` (with one warning, and
-    ``module.compile`` switched off) where compilation is unavailable or fails."""
+    ``module.compile`` switched off) where compilation is unavailable: only the errors of
+    :func:`~pyro_nfvi._compat.compile_unavailable_errors` (no or a broken C++ compiler, a
+    backend that fails to build); any other error is a real one and propagates."""
     if module.compile and not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
         compiled = _COMPILED.get(fn)
         if compiled is None:
             compiled = _COMPILED[fn] = torch.compile(fn)
         try:
             return compiled(*args)
-        except Exception as err:  # no C++ compiler, unsupported platform, ...
+        except compile_unavailable_errors() as err:
             warnings.warn(
                 f"torch.compile is unavailable here ({type(err).__name__}: {err}); "
                 "falling back to the eager path",

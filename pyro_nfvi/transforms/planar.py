@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
-from ._fused import planar_stack, run_compiled, use_fused
+from ._fused import PLAIN, planar_stack_kernel, run_compiled, stack_route
 from ._math import planar_log_det, planar_u_hat
 from ._base import (
     ConditionalFlow,
@@ -312,11 +312,12 @@ def _unpack_stacked_planar(params) -> Params:
 
 def stacked_planar(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, log|det J|)`` of K planar layers from raw parameters stacked along dim -2
-    (layer ``k`` is ``[..., k, :]``). Unbatched parameters take the fused
-    :mod:`._fused` path; otherwise a plain autograd loop, with the log-dets of all
+    (layer ``k`` is ``[..., k, :]``). Where :func:`._fused.stack_route` says so
+    (unbatched parameters), a hand-written kernel runs; otherwise a plain autograd loop, with the log-dets of all
     layers computed at the end in one vectorised op from the stored activations."""
-    if use_fused(x, u, w, bias):
-        return planar_stack(x, torch.cat([u, w, bias], -1))
+    route = stack_route(x, u, w, bias)
+    if route != PLAIN:
+        return planar_stack_kernel(x, torch.cat([u, w, bias], -1), route)
     u_hat, q = planar_u_hat(u, w)
     ts = []
     for k in range(w.shape[-2]):
@@ -329,8 +330,9 @@ def stacked_planar(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def stacked_planar_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`stacked_planar` with parameters packed as ``theta = [u | w | b]``."""
-    if use_fused(x, theta):
-        return planar_stack(x, theta)
+    route = stack_route(x, theta)
+    if route != PLAIN:
+        return planar_stack_kernel(x, theta, route)
     D = x.shape[-1]
     if theta.shape[-2] == 1:  # one layer: as cheap as the single-layer class
         u, w, bias = theta.squeeze(-2).split([D, D, 1], -1)

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
-from ._fused import radial_stack, run_compiled, use_fused
+from ._fused import PLAIN, radial_stack_kernel, run_compiled, stack_route
 from ._math import radial_ab, radial_log_det, radial_norm
 from ._base import (
     ConditionalFlow,
@@ -254,10 +254,12 @@ def _unpack_stacked_radial(params) -> Params:
 
 def stacked_radial(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, log|det J|)`` of K radial layers from raw parameters stacked along dim -2
-    (layer ``k`` is ``[..., k, :]``). Unbatched parameters take the fused path;
+    (layer ``k`` is ``[..., k, :]``). Where :func:`._fused.stack_route` says so (unbatched
+    parameters), a hand-written kernel runs;
     otherwise a plain autograd loop, log-dets computed at the end from the radii."""
-    if use_fused(x, x0, alpha_prime, beta_prime):
-        return radial_stack(x, torch.cat([x0, alpha_prime, beta_prime], -1))
+    route = stack_route(x, x0, alpha_prime, beta_prime)
+    if route != PLAIN:
+        return radial_stack_kernel(x, torch.cat([x0, alpha_prime, beta_prime], -1), route)
     alpha, beta, s = radial_ab(alpha_prime, beta_prime)
     rs = []
     for k in range(x0.shape[-2]):
@@ -271,8 +273,9 @@ def stacked_radial(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.
 
 def stacked_radial_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`stacked_radial` with parameters packed as ``theta = [x0 | α' | β']``."""
-    if use_fused(x, theta):
-        return radial_stack(x, theta)
+    route = stack_route(x, theta)
+    if route != PLAIN:
+        return radial_stack_kernel(x, theta, route)
     D = x.shape[-1]
     if theta.shape[-2] == 1:  # one layer: as cheap as the single-layer class
         x0, alpha_prime, beta_prime = theta.squeeze(-2).split([D, 1, 1], -1)

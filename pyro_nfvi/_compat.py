@@ -1,0 +1,88 @@
+"""Every use of a private torch / Pyro interface in this package, in one place.
+
+Each item says why no public API serves and which versions it was checked on. The
+whole test suite passes on torch 2.13.0 and pyro-ppl 1.9.2 (see ``pyproject.toml``);
+on another release, a failure here is the first thing to look at. Each helper degrades
+to the conservative answer when the private name is gone (e.g. "a transform may be
+active": take the plain autograd path), so a rename costs speed, not correctness,
+except where noted.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple, Type
+
+import torch
+
+__all__ = [
+    "autoguide_setup_prototype",
+    "compile_unavailable_errors",
+    "functorch_transforms_active",
+    "tensor_version",
+]
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``, ...) or a
+    forward-mode AD level (``torch.autograd.forward_ad.dual_level``) is in progress.
+
+    Why private: torch has no public query. The hand-written kernels have no batching
+    rule or jvp, so inside such a transform the plain autograd loop must run.
+    Checked on torch 2.13.0 (``torch._C._are_functorch_transforms_active`` and
+    ``torch.autograd.forward_ad._current_level``; both exist since torch 2.0). If either
+    name disappears this answers False for it: vmap/jacrev over a stack would then
+    raise inside the kernel (tests/test_transforms.py checks this path).
+    """
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    dual_level = getattr(torch.autograd.forward_ad, "_current_level", -1)  # -1: none open
+    return bool(active is not None and active()) or dual_level >= 0
+
+
+def tensor_version(t: torch.Tensor) -> int:
+    """The version counter of ``t``, bumped by every in-place change.
+
+    Why private: ``Tensor._version`` is the only way to see that a sample was modified
+    in place since a cached pair was made (autograd's own "modified by an inplace
+    operation" check reads the same counter). Checked on torch 2.13.0; present since
+    torch 1.0.
+    """
+    return t._version
+
+
+def compile_unavailable_errors() -> Tuple[Type[BaseException], ...]:
+    """The exception types that mean "``torch.compile`` cannot run here" (no or a broken
+    C++ compiler, a backend that fails to build the kernel), as opposed to a bug in the
+    compiled function, which must propagate.
+
+    Why private: torch exposes no public exception types for these. Checked on torch
+    2.13.0: ``torch._dynamo.exc.BackendCompilerFailed`` (the backend raised while
+    compiling; inductor's ``InductorError`` derives from it),
+    ``torch._inductor.exc.InvalidCxxCompiler`` and ``CppCompileError``. Names missing
+    from another release are skipped (that release's errors then propagate).
+    """
+    found = []
+    for module, names in (
+        ("torch._dynamo.exc", ("BackendCompilerFailed",)),
+        ("torch._inductor.exc", ("InvalidCxxCompiler", "CppCompileError")),
+    ):
+        try:
+            mod = __import__(module, fromlist=["_"])
+        except ImportError:
+            continue
+        found += [getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type)]
+    return tuple(found)
+
+
+def autoguide_setup_prototype(guide, *args, **kwargs) -> None:
+    """Run only :class:`pyro.infer.autoguide.AutoGuide`'s prototype setup (trace the
+    model, record ``prototype_trace`` and plates) on ``guide``, skipping the setup of the
+    subclasses in between (``AutoContinuous`` builds a ``_unpack_latent`` layout that a
+    flow guide with hierarchical sites does not use).
+
+    Why private: ``_setup_prototype`` is the hook Pyro's own autoguides override, but it
+    is not public API; there is no public way to run the base class's part alone.
+    Checked on pyro-ppl 1.9.2 (unchanged since 1.8).
+    """
+    from pyro.infer.autoguide import AutoGuide
+
+    AutoGuide._setup_prototype(guide, *args, **kwargs)
