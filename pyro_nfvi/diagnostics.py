@@ -39,6 +39,9 @@ from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 from pyro.ops.stats import fit_generalized_pareto
 
+from ._validation import check_int
+from .targets import log_density_fn
+
 __all__ = [
     "log_mean_exp",
     "ess_fraction",
@@ -111,14 +114,15 @@ def psis_khat(log_w: torch.Tensor) -> float:
 
 
 def _log_density_and_log_Z(target: Any, log_Z: Optional[float]) -> Tuple[Callable, Optional[float]]:
-    if hasattr(target, "log_prob_unnormalized"):
-        fn = target.log_prob_unnormalized
-        if log_Z is None:
+    """:func:`~pyro_nfvi.targets.log_density_fn` and ``log_Z``: the one given, else the
+    target's (a :class:`~pyro_nfvi.targets.Target`), else 0 for a distribution's
+    normalised ``log_prob``."""
+    fn = log_density_fn(target)
+    if log_Z is None:
+        if hasattr(target, "log_prob_unnormalized"):
             log_Z = getattr(target, "log_Z", None)
-    elif callable(target):
-        fn = target
-    else:
-        raise TypeError("target must have log_prob_unnormalized(z) or be a callable")
+        elif callable(getattr(target, "log_prob", None)):
+            log_Z = 0.0
     return fn, None if log_Z is None else float(log_Z)
 
 
@@ -137,9 +141,7 @@ def _density_log_weights(
 
 
 def _check_num_samples(num_samples: Any) -> int:
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    return num_samples
+    return check_int(num_samples, "num_samples", minimum=2)
 
 
 def kl_divergence(

@@ -25,6 +25,8 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from .targets import log_density_fn
+
 __all__ = ["plot_density_grid", "plot_density", "plot_loss", "density_on_grid"]
 
 Box = Tuple[Tuple[float, float], Tuple[float, float]]
@@ -85,14 +87,6 @@ def _target_box(target: Any) -> Box:
     return getattr(target, "box", DEFAULT_BOX)
 
 
-def _target_log_density(target: Any):
-    if hasattr(target, "log_prob_unnormalized"):
-        return target.log_prob_unnormalized
-    if hasattr(target, "log_prob"):
-        return target.log_prob
-    return target
-
-
 def _normalise(dens: torch.Tensor, box: Box) -> torch.Tensor:
     n = dens.shape[0]
     cell = (box[0][1] - box[0][0]) / (n - 1) * (box[1][1] - box[1][0]) / (n - 1)
@@ -135,7 +129,7 @@ def plot_density_grid(
     for i, (target, q) in enumerate(zip(targets, flows)):
         name = names[i] if names is not None else getattr(target, "name", f"target {i}")
         box = _target_box(target)
-        _, _, p_dens = density_on_grid(_target_log_density(target), box, grid_size)
+        _, _, p_dens = density_on_grid(log_density_fn(target), box, grid_size)
         p_dens = _normalise(p_dens, box)
         _, _, q_dens = density_on_grid(q, box, grid_size)
         vmax = float(p_dens.max())

@@ -22,12 +22,13 @@ Example::
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 __all__ = [
     "Target",
+    "log_density_fn",
     "TARGETS",
     "get_target",
     "wall",
@@ -148,6 +149,31 @@ def grid_log_Z(
     return float(torch.logsumexp(torch.stack(partial), 0))
 
 
+def log_density_fn(target: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``z -> log p̃(z)`` of a target: its ``log_prob_unnormalized`` (a :class:`Target`),
+    else its ``log_prob`` (a distribution), else the target itself if callable; the one
+    rule every consumer of a target (``fit_density``, the diagnostics, the plots) uses.
+
+    >>> import torch
+    >>> log_density_fn(get_target("U1"))(torch.zeros(1, 2)).shape
+    torch.Size([1])
+    >>> log_density_fn(lambda z: -z.square().sum(-1))(torch.ones(2))
+    tensor(-2.)
+
+    :raises TypeError: if ``target`` is none of these.
+    """
+    for attr in ("log_prob_unnormalized", "log_prob"):
+        fn = getattr(target, attr, None)
+        if callable(fn):
+            return fn
+    if callable(target):
+        return target
+    raise TypeError(
+        "target must be a Target (log_prob_unnormalized), a distribution (log_prob) or a "
+        f"callable z -> log p~(z), got {type(target).__name__}"
+    )
+
+
 class Target:
     """An unnormalised 2-D density ``exp(-U(z) - wall(z))`` with a known ``log Z``.
 
@@ -164,8 +190,6 @@ class Target:
         >>> bool((lp < 0).all())
         True
     """
-
-    event_dim = 2
 
     def __init__(
         self,
