@@ -250,16 +250,21 @@ def execute_notebook(
     # the kernel inherits os.environ: remove PYRO_NFVI_SHORT there too for full runs.
     saved = os.environ.pop(SHORT_ENV, None)
     t0 = time.perf_counter()
+    # the package the kernel imports: hashed before the run, checked after it
+    package_before = package_sha256()
     try:
         client = NotebookClient(
             nb,
             km=_kernel_manager(env),
             timeout=timeout,
             kernel_name="python3",
+            shutdown_kernel="immediate",
             resources={"metadata": {"path": str(Path(cwd) if cwd else path.parent.resolve())}},
         )
         try:
-            client.execute()
+            # the client does not own a kernel manager passed in, so it would leave the
+            # kernel running (still computing after a timeout): shut it down explicitly
+            client.execute(cleanup_kc=True)
         except BaseException:
             # keep what ran, for debugging, outside the repository (and never stamped)
             failed = Path(tempfile.gettempdir()) / (path.stem + ".failed.ipynb")
@@ -270,6 +275,12 @@ def execute_notebook(
         if saved is not None:
             os.environ[SHORT_ENV] = saved
     nb.metadata[METADATA_KEY] = stamp(nb, "short" if short else "full", time.perf_counter() - t0)
+    if package_sha256() != package_before:
+        # someone edited the package during the run: stamp what the kernel imported, so
+        # the notebook reads as stale against the edited package
+        nb.metadata[METADATA_KEY]["package_sha256"] = package_before
+        print(f"warning: pyro_nfvi/ changed while {path.name} ran; it is stamped with the "
+              "package as it was at the start, re-execute it", file=sys.stderr)
     # a kernelspec block that names a specific environment is noise in the repo
     nb.metadata["kernelspec"] = {
         "display_name": "Python 3 (ipykernel)",
