@@ -418,7 +418,7 @@ def _raw_params(kind, K, D, scale, gen):
 def test_fused_stack_matches_plain_autograd_path(kind, D, N, backend, monkeypatch):
     """The hand-written forward/backward (unbatched params) equals the plain loop
     (batched params), values and gradients, and passes gradcheck; on CPU it runs in
-    NumPy (with a scalar recurrence for N = 1), elsewhere in torch: both are checked."""
+    NumPy, elsewhere in torch: both are checked."""
     from pyro_nfvi.transforms import _fused
 
     monkeypatch.setattr(_fused, "USE_NUMPY", backend == "numpy")
@@ -513,7 +513,7 @@ def test_fused_backward_detects_in_place_parameter_change(make):
 @pytest.mark.parametrize("K", [5, 70])
 @pytest.mark.parametrize("shape", [(1, 3), (3,), (0, 3), (2, 4, 3)])
 def test_fused_planar_batch_shapes_and_long_stacks(K, shape):
-    """One row takes a scalar recurrence for K <= 64 and the NumPy loop beyond; empty and
+    """Short and long stacks, one row and many; empty and
     multi-dim batches are flattened inside the kernel. All equal the plain loop (float64)."""
     gen = torch.Generator().manual_seed(K)
     theta = torch.randn(K, 7, generator=gen, dtype=torch.float64).requires_grad_()

@@ -395,11 +395,12 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
 
     **Speed.** By default the forward pass and its gradient run in a hand-written
     ``autograd.Function`` (two small ops per layer each way, whatever ``D``), which on CPU
-    runs in NumPy on zero-copy views of the tensors: for K = 32, batch 256, D = 2 a
-    reverse-KL training step is ~13x faster than 32 of Pyro's ``Planar``
-    (``benchmarks/bench_speed.py``). ``compile=True`` runs the plain layer loop through
-    ``torch.compile`` instead; for planar stacks that is not faster than the eager kernel
-    (slower at batch 4096), and it costs a warm-up of seconds to a minute on a 2-core CPU,
+    runs in NumPy on zero-copy views of the tensors (the route is picked by
+    :func:`~pyro_nfvi.transforms._fused.stack_route`; measured speed against Pyro's
+    ``Planar``: ``benchmarks/bench_speed.py`` and the README's Benchmarks entry, the one
+    place for those figures). ``compile=True`` runs the plain layer loop through
+    ``torch.compile`` instead; for planar stacks that is not faster than the eager kernel,
+    and it costs a warm-up of seconds to a minute on a 2-core CPU,
     again for each new parameter shape (K, D); past torch's recompile limit (8) torch runs
     the function eagerly. Where compilation is unavailable it warns once and falls back
     to the eager path.

@@ -332,9 +332,9 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
 
     **Speed.** As for :class:`~pyro_nfvi.transforms.StackedPlanar`, a hand-written
     kernel (NumPy on CPU); a radial layer needs ``|x - x0|`` afresh, so each layer costs a
-    few passes over ``x``. For K = 32, batch 256, D = 2 an eager training step is ~7-8x
-    faster than 32 of Pyro's ``Radial``, and ``compile=True`` gains another ~1.2x at small
-    batches (none at batch 4096), after a warm-up (see ``StackedPlanar``).
+    few passes over ``x``. ``compile=True`` can gain a little at small batches, after a
+    warm-up (see ``StackedPlanar``); measured figures against Pyro's ``Radial``:
+    ``benchmarks/bench_speed.py`` and the README's Benchmarks entry.
 
     :param input_dim: dimension ``D``.
     :param num_flows: number of layers ``K``.
