@@ -218,21 +218,28 @@ def evaluate_density(
     }
 
 
-def _guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+def plate_nesting(*traces) -> int:
+    """The number of batch dims the vectorised plates of these traces use (``-dim`` of the
+    leftmost plate): the ``max_plate_nesting`` they need, 0 without plates. The one place
+    that reads it off traces (``importance.py`` needs the same number)."""
     dims = [
         -f.dim
-        for tr in (model_trace, guide_trace)
+        for tr in traces
         for site in tr.nodes.values()
         if site["type"] == "sample"
         for f in site["cond_indep_stack"]
         if f.vectorized and f.dim is not None
     ]
     return max(dims, default=0)
+
+
+def _guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+    with poutine.block(), torch.no_grad():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    return plate_nesting(model_trace, guide_trace)
 
 
 @torch.no_grad()

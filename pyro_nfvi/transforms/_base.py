@@ -14,6 +14,7 @@ from .._validation import check_context, check_hidden_dims, check_int
 
 __all__ = [
     "ConditionalFlow",
+    "ConditionalStackedFlow",
     "ConditionedFlow",
     "LadjCacheMixin",
     "as_real_input",
@@ -238,3 +239,28 @@ class ConditionalFlow(ConditionalTransformModule):
     def condition(self, context: torch.Tensor) -> Transform:
         check_context(context, self.context_dim)
         return self._conditioned(partial(self._params, context))
+
+
+class ConditionalStackedFlow(ConditionalFlow):
+    """Base of the ``ConditionalStacked*`` flows: ``K`` layers whose parameters all come
+    from ONE hypernetwork call, split per layer using the flow's ``input_dim``."""
+
+    #: the per-layer size of each hypernetwork output, in order: ``1`` (a scalar per
+    #: layer, last dim ``K``) or ``"D"`` (a vector per layer, last dim ``K*D``)
+    layer_sizes: Tuple[Any, ...] = ()
+
+    def __init__(self, nn: torch.nn.Module, input_dim: int):
+        super().__init__(nn)
+        self.input_dim = check_input_dim(input_dim)
+
+    def _params(self, context: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """The hypernetwork's outputs split per layer: last dim ``K*s`` -> ``(K, s)``."""
+        outs = tuple(self.nn(context))
+        D = self.input_dim
+        sizes = [D if s == "D" else s for s in self.layer_sizes]
+        K = outs[sizes.index(1)].shape[-1] if len(outs) == len(sizes) else -1
+        if K < 0 or any(o.shape[-1] != K * s for o, s in zip(outs, sizes)):
+            dims = ", ".join("K" if s == 1 else f"K*{s}" for s in sizes)
+            got = ", ".join(str(tuple(o.shape)) for o in outs)
+            raise ValueError(f"hypernetwork outputs must have last dims ({dims}); got {got}")
+        return tuple(o.unflatten(-1, (K, s)) for o, s in zip(outs, sizes))

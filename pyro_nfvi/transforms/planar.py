@@ -37,6 +37,7 @@ from ._fused import PLAIN, planar_stack_kernel, run_compiled, stack_route
 from ._math import planar_log_det, planar_u_hat
 from ._base import (
     ConditionalFlow,
+    ConditionalStackedFlow,
     ConditionedFlow,
     check_event,
     check_input_dim,
@@ -462,7 +463,7 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
         return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"
 
 
-class ConditionalStackedPlanar(ConditionalFlow):
+class ConditionalStackedPlanar(ConditionalStackedFlow):
     r"""``K`` conditional planar layers whose parameters all come from ONE hypernetwork
     call. ``nn`` maps a context ``(..., M)`` to a tuple of shapes
     ``(..., K), (..., K*D), (..., K*D)`` (e.g. ``DenseNN(M, hidden, param_dims=[K, K*D,
@@ -481,20 +482,7 @@ class ConditionalStackedPlanar(ConditionalFlow):
     :param input_dim: dimension ``D`` of the flow.
     """
 
-    def __init__(self, nn: torch.nn.Module, input_dim: int):
-        super().__init__(nn)
-        self.input_dim = check_input_dim(input_dim)
-
-    def _params(self, context: torch.Tensor) -> Params:
-        bias, u, w = self.nn(context)
-        D = self.input_dim
-        if u.shape[-1] % D or w.shape[-1] != u.shape[-1] or bias.shape[-1] * D != u.shape[-1]:
-            raise ValueError(
-                f"hypernetwork outputs must have last dims (K, K*{D}, K*{D}); got "
-                f"{tuple(bias.shape)}, {tuple(u.shape)}, {tuple(w.shape)}"
-            )
-        K = bias.shape[-1]
-        return bias.unsqueeze(-1), u.unflatten(-1, (K, D)), w.unflatten(-1, (K, D))
+    layer_sizes = (1, "D", "D")  # bias, u, w
 
     def _conditioned(self, params) -> ConditionedStackedPlanar:
         return ConditionedStackedPlanar(params)

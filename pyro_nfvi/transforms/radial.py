@@ -34,6 +34,7 @@ from ._fused import PLAIN, radial_stack_kernel, run_compiled, stack_route
 from ._math import radial_ab, radial_log_det, radial_norm
 from ._base import (
     ConditionalFlow,
+    ConditionalStackedFlow,
     ConditionedFlow,
     check_event,
     check_input_dim,
@@ -384,7 +385,7 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
         return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"
 
 
-class ConditionalStackedRadial(ConditionalFlow):
+class ConditionalStackedRadial(ConditionalStackedFlow):
     r"""``K`` conditional radial layers whose parameters come from ONE hypernetwork call.
     ``nn`` maps a context ``(..., M)`` to a tuple of shapes ``(..., K*D), (..., K),
     (..., K)`` (e.g. ``DenseNN(M, hidden, param_dims=[K*D, K, K])``).
@@ -402,20 +403,7 @@ class ConditionalStackedRadial(ConditionalFlow):
     :param input_dim: dimension ``D`` of the flow.
     """
 
-    def __init__(self, nn: torch.nn.Module, input_dim: int):
-        super().__init__(nn)
-        self.input_dim = check_input_dim(input_dim)
-
-    def _params(self, context: torch.Tensor) -> Params:
-        x0, alpha_prime, beta_prime = self.nn(context)
-        D = self.input_dim
-        K = alpha_prime.shape[-1]
-        if x0.shape[-1] != K * D or beta_prime.shape[-1] != K:
-            raise ValueError(
-                f"hypernetwork outputs must have last dims (K*{D}, K, K); got "
-                f"{tuple(x0.shape)}, {tuple(alpha_prime.shape)}, {tuple(beta_prime.shape)}"
-            )
-        return x0.unflatten(-1, (K, D)), alpha_prime.unsqueeze(-1), beta_prime.unsqueeze(-1)
+    layer_sizes = ("D", 1, 1)  # x0, alpha', beta'
 
     def _conditioned(self, params) -> ConditionedStackedRadial:
         return ConditionedStackedRadial(params)
