@@ -298,8 +298,8 @@ class _Unconstrained(Messenger):
 
 
 def _shrinkage(model: Callable, values: Dict[str, torch.Tensor], name: str, args, kwargs) -> torch.Tensor:
-    r"""Initial centredness of the hierarchical site ``name``, per coordinate: the
-    shrinkage factor :math:`\kappa = \tau^2 I / (1 + \tau^2 I)` of a Normal–Normal model,
+    r"""Initial centredness of the hierarchical site ``name``, per coordinate: the square
+    of the shrinkage factor :math:`\kappa = \tau^2 I / (1 + \tau^2 I)` of a Normal–Normal model,
     with :math:`\tau` the site's prior scale and :math:`I` the curvature of the rest of
     the log joint in that coordinate, at the prototype values. For
     :math:`\theta \sim N(\mu, \tau)` observed with noise :math:`s` (:math:`I = 1/s^2`),
@@ -329,7 +329,12 @@ def _shrinkage(model: Callable, values: Dict[str, torch.Tensor], name: str, args
             diag = torch.autograd.grad(flat.sum(), leaf)[0].reshape(-1)
     info = (-diag).clamp_min(0).reshape(leaf.shape).detach()
     tau2 = probe.scales[name].expand(leaf.shape) ** 2
-    return (tau2 * info / (1 + tau2 * info)).clamp(lo, hi)
+    kappa = tau2 * info / (1 + tau2 * info)
+    # squared: the prototype's scale (a prior median) usually overstates the posterior's
+    # group scale when the data are weak, and a centred funnel costs more than a
+    # non-centred site with strong data; on the posterior suite κ² matched fixed
+    # non-centring on eight schools (κ: -0.15 nats) and kept data-rich groups centred
+    return (kappa * kappa).clamp(lo, hi)
 
 
 def _arg_shapes(args, kwargs) -> tuple:
@@ -452,6 +457,26 @@ class AutoNormalizingFlow(AutoContinuous):
     :param bool full_rank: if ``True`` the affine layer is a lower-triangular
         (full covariance) matrix ``diag(scale) @ scale_tril`` initialised to
         ``init_scale * I``; if ``False`` (default) it is diagonal.
+    :param bool stl: sticking-the-landing gradients (Roeder, Wu & Duvenaud 2017, default
+        ``True``): the guide's log-density of its own sample is differentiated only along
+        the sample's path, dropping the score-function term whose expectation is zero and
+        whose noise does not vanish at the optimum. The score :math:`\nabla_z \log q(z)`
+        this needs is pushed forward through the layers by Sherman–Morrison / Woodbury
+        (``push_score``, no inverse solve; transforms without it fall back to autograd
+        through their inverses). Works with every ELBO of Pyro that scores the guide's
+        sample with ``log_prob`` (``Trace_ELBO``, ``JitTrace_ELBO``, vectorised particles).
+    :param centered: how hierarchical sites are parameterised. A *hierarchical* site is a
+        Normal or LogNormal site whose prior loc or scale depends on another latent site
+        (found automatically, the sites that make funnels, e.g. ``theta ~ N(mu, tau)``).
+        The flow draws a coordinate :math:`x` for it and the guide places the site at
+        :math:`(1 - c)\,\mathrm{loc} + \mathrm{scale}^{1 - c} x`, with loc and scale
+        computed by the model's prior from the values placed before it (the partial
+        non-centring of Gorinova, Moore & Hoffman 2020, applied inside the guide: the
+        model is unchanged). ``None`` (default): ``c`` is learnable per coordinate,
+        initialised at the shrinkage factor of the site (0: no data, a funnel becomes
+        Gaussian; 1: data dominate); a float in [0, 1] fixes ``c``; ``1.0`` turns the
+        feature off (the flow acts on the model's own coordinates, as Pyro's guides do,
+        which :meth:`get_transform` and ``NeuTraReparam`` need).
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
     """
 
