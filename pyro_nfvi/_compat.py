@@ -6,6 +6,10 @@ on another release, a failure here is the first thing to look at. Each helper de
 to the conservative answer when the private name is gone (e.g. "a transform may be
 active": take the plain autograd path), so a rename costs speed, not correctness,
 except where noted.
+
+One more dependency on torch's internals cannot live here, being an override:
+``transforms._base.LadjCacheMixin`` overrides ``Transform.__call__`` and ``_inv_call`` (the
+methods that hold torch's identity-keyed cache), see the comment there.
 """
 
 from __future__ import annotations

@@ -169,6 +169,11 @@ class LadjCacheMixin(Transform):
         if self._cache_size:
             self._nfvi_cache = _CacheEntry(x, y, ladj, self._param_tensors(), forward)
 
+    # __call__ and _inv_call are torch's Transform entry points (``t(x)``, ``t.inv(y)``,
+    # the latter reached through ``_InverseTransform``); they are overridden, not _call /
+    # _inverse, because torch's identity-keyed cache sits in them and would answer
+    # first, with stale values. This package never touches torch's ``_cached_x_y`` (checked on
+    # torch 2.13.0; Transform has had these two methods since torch 1.x).
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         e = self._lookup(x=x) if self._cache_size else None
         if e is not None:
