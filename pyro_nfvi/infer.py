@@ -46,6 +46,9 @@ from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.util import zero_grads
 from torch.distributions import Transform
 from torch.distributions.transforms import AffineTransform
+
+from ._validation import check_int
+from .diagnostics import plate_nesting
 try:  # notebook widget bars need ipywidgets; without it tqdm.auto only warns
     import ipywidgets  # noqa: F401
     from tqdm.auto import tqdm
@@ -55,14 +58,8 @@ except ImportError:
 __all__ = ["fit", "fit_density", "DensityFit", "AffineBase"]
 
 
-def check_positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
 def _check_num_steps(num_steps: Any) -> int:
-    return check_positive_int(num_steps, "num_steps")
+    return check_int(num_steps, "num_steps")
 
 
 #: ``fit``'s defaults, chosen on the posterior suite (``benchmarks/posterior_suite.py``):
@@ -84,10 +81,9 @@ def default_optim(num_steps: int, lr: float = DEFAULT_LR, lr_end: float = DEFAUL
 def _max_plate_nesting(model: Callable, args, kwargs) -> int:
     """How many plate dims the model uses (what ``Trace_ELBO`` would guess, without its
     log line): the particle plate of vectorised particles goes left of them."""
-    trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
-    dims = [-f.dim for site in trace.nodes.values() if site["type"] == "sample"
-            for f in site["cond_indep_stack"] if f.vectorized and f.dim is not None]
-    return max(dims, default=0)
+    with torch.random.fork_rng(devices=[]):
+        trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+    return plate_nesting(trace)
 
 
 def fit(
@@ -124,7 +120,7 @@ def fit(
         (the message names the step and the parameters with non-finite gradients).
     """
     num_steps = _check_num_steps(num_steps)
-    num_particles = check_positive_int(num_particles, "num_particles")
+    num_particles = check_int(num_particles, "num_particles")
     if optim is None:
         optim = default_optim(num_steps)
     fallback = None
