@@ -266,6 +266,9 @@ def _run_latents(messenger: Messenger, model: Callable, args, kwargs) -> None:
         pass
 
 
+#: largest latent dimension for which the default affine base is full rank
+FULL_RANK_MAX_DIM = 200
+
 #: bounds of the initial centredness: strictly inside (0, 1), so the ELBO can move it
 _CENTERING_BOUNDS = (0.02, 0.98)
 #: above this many coordinates the curvature of a site is estimated from one
@@ -454,9 +457,12 @@ class AutoNormalizingFlow(AutoContinuous):
         :func:`~pyro.infer.autoguide.initialization.init_to_median`.
     :param float init_scale: initial (unconstrained-space) standard deviation of
         every latent coordinate; must be > 0. Default 0.1.
-    :param bool full_rank: if ``True`` the affine layer is a lower-triangular
+    :param full_rank: if ``True`` the affine layer is a lower-triangular
         (full covariance) matrix ``diag(scale) @ scale_tril`` initialised to
-        ``init_scale * I``; if ``False`` (default) it is diagonal.
+        ``init_scale * I``; if ``False`` it is diagonal. Default ``None``: full rank up to
+        ``FULL_RANK_MAX_DIM`` (200) latent dimensions, where its D² parameters are cheap
+        (on the posterior suite it matched or beat the diagonal base, most on correlated
+        posteriors such as logistic regression), diagonal above.
     :param bool stl: sticking-the-landing gradients (Roeder, Wu & Duvenaud 2017, default
         ``True``): the guide's log-density of its own sample is differentiated only along
         the sample's path, dropping the score-function term whose expectation is zero and
@@ -490,7 +496,7 @@ class AutoNormalizingFlow(AutoContinuous):
         *,
         init_loc_fn: Callable = init_to_median,
         init_scale: float = 0.1,
-        full_rank: bool = False,
+        full_rank: Optional[bool] = None,
         stl: bool = True,
         centered: Optional[float] = None,
         create_plates: Optional[Callable] = None,
@@ -517,7 +523,8 @@ class AutoNormalizingFlow(AutoContinuous):
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._init_transform_fn = init_transform_fn
         self._init_scale = float(init_scale)
-        self.full_rank = bool(full_rank)
+        self._full_rank_option = None if full_rank is None else bool(full_rank)
+        self.full_rank = self._full_rank_option  # resolved at setup when None
         self.stl = bool(stl)
         self.centered = None if centered is None else float(centered)
         self.create_plates = create_plates
@@ -574,6 +581,11 @@ class AutoNormalizingFlow(AutoContinuous):
         self.loc = torch.nn.Parameter(loc)
         self.scale = PyroParam(
             torch.full_like(loc, self._init_scale), self.scale_constraint
+        )
+        self.full_rank = (
+            self.latent_dim <= FULL_RANK_MAX_DIM
+            if self._full_rank_option is None
+            else self._full_rank_option
         )
         if self.full_rank:
             self.scale_tril = PyroParam(
