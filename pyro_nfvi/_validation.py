@@ -37,7 +37,9 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
 def check_hidden_dims(hidden_dims: Any, name: str = "hidden_dims") -> List[int]:
     """A sequence of positive ints (e.g. ``[20, 20]``) as a list, or :class:`ArgumentError`."""
     if isinstance(hidden_dims, (int, str)) or not hasattr(hidden_dims, "__iter__"):
-        raise ArgumentError(f"{name} must be a sequence of positive ints, e.g. [20, 20], got {hidden_dims!r}")
+        raise ArgumentError(
+            f"{name} must be a sequence of positive ints, e.g. [20, 20], got {hidden_dims!r}"
+        )
     hidden_dims = list(hidden_dims)
     for h in hidden_dims:
         if isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1:

@@ -400,72 +400,82 @@ class AutoAmortizedFlow(AutoGuide):
         self._frame = frame
         self._local_shapes: Dict[str, torch.Size] = {}
         for site_name, site in latent.items():
-            names = [f.name for f in site["cond_indep_stack"]]
-            is_local = site_name in self.local_sites
-            if not is_local:
-                if self.plate_name in names:
-                    raise ValueError(
-                        f"latent site '{site_name}' is inside plate '{self.plate_name}' but is "
-                        f"not in local_sites {self.local_sites}; declare it local (global sites "
-                        "cannot be subsampled)"
-                    )
-                continue
-            if self.plate_name not in names:
-                raise ValueError(
-                    f"local site '{site_name}' is not inside plate '{self.plate_name}' "
-                    f"(its plates: {names})"
-                )
-            if len(names) > 1:
-                raise ValueError(
-                    f"local site '{site_name}' is inside plates {names}; {name} supports local "
-                    f"sites inside plate '{self.plate_name}' only (use the event shape instead "
-                    "of nested plates)"
-                )
-            fn = site["fn"]
-            if fn.support.is_discrete:
-                raise ValueError(
-                    f"local site '{site_name}' is discrete ({type(fn).__name__}); {name} "
-                    "needs continuous latent sites"
-                )
-            batch_shape = fn.batch_shape
-            expected = (frame.size,) + (1,) * (-frame.dim - 1)
-            if len(batch_shape) < -frame.dim or tuple(batch_shape[frame.dim:]) != expected or any(
-                d != 1 for d in batch_shape[: len(batch_shape) + frame.dim]
-            ):
-                raise ValueError(
-                    f"local site '{site_name}' has batch shape {tuple(batch_shape)}; expected one "
-                    f"value per row of plate '{self.plate_name}' (batch shape {expected}, "
-                    "dims right of the plate in the event shape: use .to_event())"
-                )
-            unconstrained = biject_to(fn.support).inv(site["value"])
-            event_dim = fn.event_dim
-            self._local_shapes[site_name] = unconstrained.shape[unconstrained.dim() - event_dim :]
+            shape = self._local_event_shape(site_name, site, frame)
+            if shape is not None:
+                self._local_shapes[site_name] = shape
         self.local_dim = sum(_product(s) for s in self._local_shapes.values())
+        self._build_posterior(latent[self.local_sites[0]]["value"].dtype, args, kwargs)
+        if len(latent) > len(self.local_sites):
+            self._build_global_guide()
 
-        # plate data -> features, to size the head
-        data = self._plate_data(frame.size, None, args, kwargs)
+    def _local_event_shape(self, site_name: str, site: dict, frame) -> Optional[torch.Size]:
+        """The unconstrained event shape of a local site (after checking it is one: inside
+        the plate alone, continuous, one value per row), ``None`` for a global site."""
+        name = type(self).__name__
+        names = [f.name for f in site["cond_indep_stack"]]
+        if site_name not in self.local_sites:
+            if self.plate_name in names:
+                raise ValueError(
+                    f"latent site '{site_name}' is inside plate '{self.plate_name}' but is "
+                    f"not in local_sites {self.local_sites}; declare it local (global sites "
+                    "cannot be subsampled)"
+                )
+            return None
+        if self.plate_name not in names:
+            raise ValueError(
+                f"local site '{site_name}' is not inside plate '{self.plate_name}' "
+                f"(its plates: {names})"
+            )
+        if len(names) > 1:
+            raise ValueError(
+                f"local site '{site_name}' is inside plates {names}; {name} supports local "
+                f"sites inside plate '{self.plate_name}' only (use the event shape instead "
+                "of nested plates)"
+            )
+        fn = site["fn"]
+        if fn.support.is_discrete:
+            raise ValueError(
+                f"local site '{site_name}' is discrete ({type(fn).__name__}); {name} "
+                "needs continuous latent sites"
+            )
+        batch_shape = fn.batch_shape
+        expected = (frame.size,) + (1,) * (-frame.dim - 1)
+        if len(batch_shape) < -frame.dim or tuple(batch_shape[frame.dim:]) != expected or any(
+            d != 1 for d in batch_shape[: len(batch_shape) + frame.dim]
+        ):
+            raise ValueError(
+                f"local site '{site_name}' has batch shape {tuple(batch_shape)}; expected one "
+                f"value per row of plate '{self.plate_name}' (batch shape {expected}, "
+                "dims right of the plate in the event shape: use .to_event())"
+            )
+        unconstrained = biject_to(fn.support).inv(site["value"])
+        return unconstrained.shape[unconstrained.dim() - fn.event_dim :]
+
+    def _build_posterior(self, dtype: torch.dtype, args, kwargs) -> None:
+        """The amortized posterior, its head sized by the encoder's features of the
+        plate's data."""
+        data = self._plate_data(self._frame.size, None, args, kwargs)
         with torch.no_grad():
             features = self.encoder(data)
         self._check_features(features, data)
-        dtype = latent[self.local_sites[0]]["value"].dtype
         self.posterior = AmortizedFlow(
             self.local_dim, features.shape[-1], **self._posterior_kwargs
         ).to(device=features.device, dtype=dtype)
 
-        # global sites
-        if len(latent) > len(self.local_sites):
-            blocked = poutine.block(self.model, hide=list(self.local_sites))
-            if self._global_guide_fn is None:
-                from .guides import AutoPlanarFlow
+    def _build_global_guide(self) -> None:
+        """The guide of the global sites: the model with the local sites hidden."""
+        blocked = poutine.block(self.model, hide=list(self.local_sites))
+        if self._global_guide_fn is None:
+            from .guides import AutoPlanarFlow
 
-                self.global_guide = AutoPlanarFlow(blocked, num_flows=8)
-            else:
-                self.global_guide = self._global_guide_fn(blocked)
-                if not isinstance(self.global_guide, AutoGuide):
-                    raise TypeError(
-                        "global_guide(model) must return an AutoGuide, got "
-                        f"{type(self.global_guide).__name__}"
-                    )
+            self.global_guide = AutoPlanarFlow(blocked, num_flows=8)
+        else:
+            self.global_guide = self._global_guide_fn(blocked)
+            if not isinstance(self.global_guide, AutoGuide):
+                raise TypeError(
+                    "global_guide(model) must return an AutoGuide, got "
+                    f"{type(self.global_guide).__name__}"
+                )
 
     def _plate_data(self, batch: int, indices, args, kwargs):
         data = self.data_fn(*args, **kwargs)

@@ -563,7 +563,8 @@ def test_every_kernel_route_matches_autograd(route, kind, D, N):
         _fused._PLAIN_DEPTH -= 1
     assert torch.allclose(y_k, y_p, rtol=1e-12, atol=1e-12)
     assert torch.allclose(l_k, l_p, rtol=1e-12, atol=1e-12)
-    gy, gl = torch.randn(y_k.shape, generator=gen, dtype=torch.float64), torch.randn(l_k.shape, generator=gen, dtype=torch.float64)
+    gy = torch.randn(y_k.shape, generator=gen, dtype=torch.float64)
+    gl = torch.randn(l_k.shape, generator=gen, dtype=torch.float64)
     g_k = torch.autograd.grad((y_k * gy).sum() + (l_k * gl).sum(), (x, theta))
     g_p = torch.autograd.grad((y_p * gy).sum() + (l_p * gl).sum(), (x, theta))
     for a, b in zip(g_k, g_p):

@@ -11,12 +11,14 @@ from torch.distributions import Transform, constraints
 
 from .._compat import functorch_transforms_active, tensor_version
 from .._validation import check_context, check_hidden_dims, check_int
+from ._fused import run_compiled
 
 __all__ = [
     "ConditionalFlow",
     "ConditionalStackedFlow",
     "ConditionedFlow",
     "LadjCacheMixin",
+    "LearnableStack",
     "as_real_input",
     "check_context",
     "check_event",
@@ -269,3 +271,37 @@ class ConditionalStackedFlow(ConditionalFlow):
             got = ", ".join(str(tuple(o.shape)) for o in outs)
             raise ValueError(f"hypernetwork outputs must have last dims ({dims}); got {got}")
         return tuple(o.unflatten(-1, (K, s)) for o, s in zip(outs, sizes))
+
+
+class LearnableStack:
+    """The learnable ``K``-layer stacks (``StackedPlanar``, ``StackedRadial``): put first in
+    the bases, before the ``ConditionedStacked*`` class whose parameters it supplies.
+
+    All parameters live in ONE tensor ``theta`` of shape ``(K, P)`` (one optimiser entry,
+    one gradient), each row the per-layer blocks of :attr:`theta_layout` side by side; the
+    subclass exposes the blocks as properties and ``_params_tuple``. The forward pass is
+    :attr:`packed_fn` on ``(x, theta)``, through ``torch.compile`` if ``compile=True``.
+    """
+
+    #: the width of each per-layer block of ``theta``: ``1`` or ``"D"``
+    theta_layout: Tuple[Any, ...] = ()
+    #: ``(x, theta) -> (y, ladj)``
+    packed_fn: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+
+    def __init__(self, input_dim: int, num_flows: int, compile: bool = False):
+        input_dim = check_input_dim(input_dim)
+        num_flows = check_input_dim(num_flows, "num_flows")
+        super().__init__(self._params_tuple)
+        self.input_dim, self.num_flows = input_dim, num_flows
+        self.compile = bool(compile)
+        width = sum(input_dim if s == "D" else s for s in self.theta_layout)
+        self.theta = torch.nn.Parameter(torch.empty(num_flows, width))
+        self.reset_parameters()
+
+    def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(y, log|det dy/dx|)`` in one pass (compiled if ``compile=True``)."""
+        x = check_event(x, self.input_dim, dtype=self.theta.dtype)
+        return run_compiled(self, type(self).packed_fn, x, self.theta)
+
+    def extra_repr(self) -> str:
+        return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"

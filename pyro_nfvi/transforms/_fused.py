@@ -301,7 +301,8 @@ class _FusedStack(torch.autograd.Function):
                 y, ladj, saved = kernels[0](xp, xa, tha)
                 y, ladj = y.astype(np.float32), ladj.astype(np.float32)
         ctx.save_for_backward(x, theta)  # for autograd's in-place modification check
-        ctx.saved, ctx.inputs, ctx.kernels, ctx.shape, ctx.route = saved, (xa, tha), kernels, shape, route
+        ctx.saved, ctx.inputs, ctx.kernels, ctx.shape = saved, (xa, tha), kernels, shape
+        ctx.route = route
         return _to_torch(xp, y.reshape(shape), ladj.reshape(shape[:-1]))
 
     @staticmethod
@@ -398,8 +399,11 @@ def _kernel_route(x: torch.Tensor, theta: torch.Tensor, route) -> str:
         route = _kernel_for(x)
     if route not in KERNEL_ROUTES:
         raise ValueError(f"route must be one of {KERNEL_ROUTES}, got {route!r}")
-    if route == FUSED_NUMPY and not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
-        raise ValueError(f"route {FUSED_NUMPY!r} needs CPU float32/float64 tensors, got {x.dtype} on {x.device}")
+    numpy_ok = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if route == FUSED_NUMPY and not numpy_ok:
+        raise ValueError(
+            f"route {FUSED_NUMPY!r} needs CPU float32/float64 tensors, got {x.dtype} on {x.device}"
+        )
     return route
 
 

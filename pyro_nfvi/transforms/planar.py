@@ -33,12 +33,13 @@ import torch
 import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
-from ._fused import PLAIN, planar_stack_kernel, run_compiled, stack_route
+from ._fused import PLAIN, planar_stack_kernel, stack_route
 from ._math import planar_log_det, planar_u_hat
 from ._base import (
     ConditionalFlow,
     ConditionalStackedFlow,
     ConditionedFlow,
+    LearnableStack,
     check_event,
     check_input_dim,
 )
@@ -314,8 +315,9 @@ def _unpack_stacked_planar(params) -> Params:
 def stacked_planar(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, log|det J|)`` of K planar layers from raw parameters stacked along dim -2
     (layer ``k`` is ``[..., k, :]``). Where :func:`._fused.stack_route` says so
-    (unbatched parameters), a hand-written kernel runs; otherwise a plain autograd loop, with the log-dets of all
-    layers computed at the end in one vectorised op from the stored activations."""
+    (unbatched parameters), a hand-written kernel runs; otherwise a plain autograd loop,
+    with the log-dets of all layers computed at the end in one vectorised op from the
+    stored activations."""
     route = stack_route(x, u, w, bias)
     if route != PLAIN:
         return planar_stack_kernel(x, torch.cat([u, w, bias], -1), route)
@@ -378,7 +380,7 @@ class ConditionedStackedPlanar(ConditionedFlow):
         return x, score
 
 
-class StackedPlanar(ConditionedStackedPlanar, TransformModule):
+class StackedPlanar(LearnableStack, ConditionedStackedPlanar, TransformModule):
     r"""``num_flows`` learnable planar layers in one module (parameters stacked in
     ``(K, D)`` tensors). The map, log-det and inverse equal those of
     ``ComposeTransformModule([Planar(D) for _ in range(K)])`` with the same parameters;
@@ -411,15 +413,8 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
     :param compile: use ``torch.compile`` for the forward pass.
     """
 
-    def __init__(self, input_dim: int, num_flows: int, compile: bool = False):
-        input_dim = check_input_dim(input_dim)
-        num_flows = check_input_dim(num_flows, "num_flows")
-        super().__init__(self._params_tuple)
-        self.input_dim, self.num_flows = input_dim, num_flows
-        self.compile = bool(compile)
-        # One tensor [u | w | b] of shape (K, 2D+1): one optimiser entry, one grad.
-        self.theta = nn.Parameter(torch.empty(num_flows, 2 * input_dim + 1))
-        self.reset_parameters()
+    theta_layout = ("D", "D", 1)  # [u | w | b]: (K, 2D+1)
+    packed_fn = staticmethod(stacked_planar_packed)
 
     @property
     def u(self) -> torch.Tensor:
@@ -435,11 +430,6 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
 
     def _params_tuple(self) -> Params:
         return self.bias, self.u, self.w
-
-    def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(y, log|det dy/dx|)`` in one pass (compiled if ``compile=True``)."""
-        x = check_event(x, self.input_dim, dtype=self.theta.dtype)
-        return run_compiled(self, stacked_planar_packed, x, self.theta)
 
     def reset_parameters(self, near_identity: bool = False) -> None:
         """Pyro's initialisation (``u, w ~ U(±1/√D)``, ``b = 0``), or with
@@ -458,9 +448,6 @@ class StackedPlanar(ConditionedStackedPlanar, TransformModule):
                 # softplus(w.u) - 1 - w.u = 0 at w.u = log(e - 1), so u = log(e-1) w
                 # gives û = 0; a little noise breaks the symmetry between layers.
                 self.u.copy_(math.log(math.e - 1) * w + 0.01 * torch.randn_like(w))
-
-    def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"
 
 
 class ConditionalStackedPlanar(ConditionalStackedFlow):

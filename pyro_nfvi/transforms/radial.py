@@ -30,12 +30,13 @@ import torch
 import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
-from ._fused import PLAIN, radial_stack_kernel, run_compiled, stack_route
+from ._fused import PLAIN, radial_stack_kernel, stack_route
 from ._math import radial_ab, radial_log_det, radial_norm
 from ._base import (
     ConditionalFlow,
     ConditionalStackedFlow,
     ConditionedFlow,
+    LearnableStack,
     check_event,
     check_input_dim,
 )
@@ -318,7 +319,7 @@ class ConditionedStackedRadial(ConditionedFlow):
         return x, score
 
 
-class StackedRadial(ConditionedStackedRadial, TransformModule):
+class StackedRadial(LearnableStack, ConditionedStackedRadial, TransformModule):
     r"""``num_flows`` learnable radial layers in one module (parameters stacked). Equals
     ``ComposeTransformModule([Radial(D) for _ in range(K)])`` with the same parameters.
 
@@ -342,15 +343,8 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
     :param compile: use ``torch.compile`` for the forward pass.
     """
 
-    def __init__(self, input_dim: int, num_flows: int, compile: bool = False):
-        input_dim = check_input_dim(input_dim)
-        num_flows = check_input_dim(num_flows, "num_flows")
-        super().__init__(self._params_tuple)
-        self.input_dim, self.num_flows = input_dim, num_flows
-        self.compile = bool(compile)
-        # One tensor [x0 | alpha' | beta'] of shape (K, D+2): one optimiser entry.
-        self.theta = nn.Parameter(torch.empty(num_flows, input_dim + 2))
-        self.reset_parameters()
+    theta_layout = ("D", 1, 1)  # [x0 | alpha' | beta']: (K, D+2)
+    packed_fn = staticmethod(stacked_radial_packed)
 
     @property
     def x0(self) -> torch.Tensor:
@@ -367,11 +361,6 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
     def _params_tuple(self) -> Params:
         return self.x0, self.alpha_prime, self.beta_prime
 
-    def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(y, log|det dy/dx|)`` in one pass (compiled if ``compile=True``)."""
-        x = check_event(x, self.input_dim, dtype=self.theta.dtype)
-        return run_compiled(self, stacked_radial_packed, x, self.theta)
-
     def reset_parameters(self, near_identity: bool = False) -> None:
         """Pyro's initialisation (all ``U(±1/√D)``), or with ``near_identity=True``
         ``β ≈ 0`` so that each layer starts near the identity map."""
@@ -380,9 +369,6 @@ class StackedRadial(ConditionedStackedRadial, TransformModule):
             self.theta.uniform_(-bound, bound)
             if near_identity:  # beta = softplus(beta') - softplus(alpha') ~ 0
                 self.beta_prime.copy_(self.alpha_prime + 0.01 * bound * torch.randn_like(self.alpha_prime))
-
-    def extra_repr(self) -> str:
-        return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"
 
 
 class ConditionalStackedRadial(ConditionalStackedFlow):
