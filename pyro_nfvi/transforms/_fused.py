@@ -322,7 +322,7 @@ class _FusedStack(torch.autograd.Function):
         return g_x, g_th, None, None
 
 
-# > 0 while a backward recomputes a stack with the plain loop (use_fused then says no)
+# > 0 while a backward recomputes a stack with the plain loop (stack_route then says "plain")
 _PLAIN_DEPTH = 0
 
 
@@ -387,11 +387,6 @@ def _kernel_for(x: torch.Tensor) -> str:
     if USE_NUMPY and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
         return FUSED_NUMPY
     return FUSED_TORCH
-
-
-def use_fused(x: torch.Tensor, *params: torch.Tensor) -> bool:
-    """Whether :func:`stack_route` picks a hand-written kernel."""
-    return stack_route(x, *params) != PLAIN
 
 
 def _kernel_route(x: torch.Tensor, theta: torch.Tensor, route) -> str:
