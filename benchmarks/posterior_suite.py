@@ -11,8 +11,9 @@ Every guide gets the same budget: the same optimiser, learning-rate schedule, nu
 and number of vectorised particles. By default they are the package's :func:`pyro_nfvi.fit`
 defaults, found by introspection (:func:`resolve_settings`): a dict
 ``pyro_nfvi.infer.FIT_DEFAULTS`` if the package exposes one (keys ``lr``, ``lr_end``,
-``num_particles``, ``num_steps``, ``clip_norm``), else the defaults of ``fit``'s own keyword
-arguments of those names; what is not found falls back to ClippedAdam with the learning rate
+``num_particles``, ``num_steps``, ``clip_norm``), else module constants
+``pyro_nfvi.infer.DEFAULT_LR`` etc., else the defaults of ``fit``'s own keyword arguments of
+those names; what is not found falls back to ClippedAdam with the learning rate
 decaying geometrically from 0.01 to 0.001 over the run, 1 particle, ``Trace_ELBO``. Flags
 override each one. This package's guides (instances of
 :class:`pyro_nfvi.guides.AutoNormalizingFlow`) are trained by ``pyro_nfvi.fit`` — with its
@@ -94,7 +95,8 @@ FALLBACK_SETTINGS: Dict[str, Any] = {
 def resolve_settings(overrides: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The training settings shared by all guides.
 
-    Looked up in order: ``pyro_nfvi.infer.FIT_DEFAULTS`` (a dict), the defaults of
+    Looked up in order: ``pyro_nfvi.infer.FIT_DEFAULTS`` (a dict), the constants
+    ``pyro_nfvi.infer.DEFAULT_<KEY>`` (e.g. ``DEFAULT_LR``), the defaults of
     ``pyro_nfvi.fit``'s keyword arguments of the same names (``num_steps``, ``lr``,
     ``lr_end``, ``num_particles``, ``clip_norm``), :data:`FALLBACK_SETTINGS`; then
     ``overrides`` (non-``None`` values). The result says where each value came from
@@ -106,8 +108,11 @@ def resolve_settings(overrides: Optional[Dict[str, Any]] = None) -> Dict[str, An
     settings: Dict[str, Any] = {}
     sources: Dict[str, str] = {}
     for key, fallback in FALLBACK_SETTINGS.items():
+        constant = getattr(pyro_nfvi.infer, "DEFAULT_" + key.upper(), None)
         if isinstance(exposed, dict) and exposed.get(key) is not None:
             settings[key], sources[key] = exposed[key], "pyro_nfvi.infer.FIT_DEFAULTS"
+        elif constant is not None:
+            settings[key], sources[key] = constant, f"pyro_nfvi.infer.DEFAULT_{key.upper()}"
         elif key in params and params[key].default not in (inspect.Parameter.empty, None):
             settings[key], sources[key] = params[key].default, "signature of pyro_nfvi.fit"
         else:
@@ -115,8 +120,10 @@ def resolve_settings(overrides: Optional[Dict[str, Any]] = None) -> Dict[str, An
     for key, val in (overrides or {}).items():
         if val is not None:
             settings[key], sources[key] = val, "flag"
-    training = ("lr", "lr_end", "num_particles", "clip_norm")
-    settings["use_fit_defaults"] = all(sources[k] != "fallback" and sources[k] != "flag" for k in training)
+    # clip_norm: ClippedAdam's own default (10) unless a flag sets it
+    training = ("lr", "lr_end", "num_particles")
+    settings["use_fit_defaults"] = sources["clip_norm"] != "flag" and all(
+        sources[k] not in ("fallback", "flag") for k in training)
     settings["sources"] = sources
     return settings
 

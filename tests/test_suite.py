@@ -136,6 +136,8 @@ def test_resolve_settings(monkeypatch):
     import pyro_nfvi
 
     monkeypatch.delattr(pyro_nfvi.infer, "FIT_DEFAULTS", raising=False)
+    for key in ("NUM_STEPS", "LR", "LR_END", "NUM_PARTICLES", "CLIP_NORM"):
+        monkeypatch.delattr(pyro_nfvi.infer, "DEFAULT_" + key, raising=False)
     s = ps.resolve_settings({"num_steps": 7})
     assert s["num_steps"] == 7 and s["sources"]["num_steps"] == "flag"
     assert s["lr"] > 0 and s["lr_end"] > 0 and s["num_particles"] >= 1
