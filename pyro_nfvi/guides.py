@@ -27,12 +27,14 @@ from pyro.distributions import constraints
 from pyro.distributions.transforms import ComposeTransformModule, LowerCholeskyAffine
 from pyro.distributions.util import eye_like, sum_rightmost
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.autoguide.guides import AutoGuide, prototype_hide_fn
+from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import _product, helpful_support_errors
 from pyro.nn.module import PyroParam
 from pyro.poutine.messenger import Messenger
 
+from ._compat import autoguide_setup_prototype
+from ._validation import check_int
 from .helpers import planar_flow, radial_flow
 from .transforms._base import LadjCacheMixin
 
@@ -542,7 +544,7 @@ class AutoNormalizingFlow(AutoContinuous):
             raise
 
     def _setup_prototype_impl(self, *args, **kwargs) -> None:
-        AutoGuide._setup_prototype(self, *args, **kwargs)
+        autoguide_setup_prototype(self, *args, **kwargs)  # AutoGuide's part only
         self._unconstrained_shapes = {}
         self._cond_indep_stacks = {}
         name = type(self).__name__
@@ -851,19 +853,13 @@ class AutoNormalizingFlow(AutoContinuous):
         return super().load_state_dict(state_dict, strict=strict, **kwargs)
 
 
-def _check_num_flows(num_flows) -> int:
-    if isinstance(num_flows, bool) or not isinstance(num_flows, numbers.Integral) or num_flows < 1:
-        raise ValueError(f"num_flows must be an int >= 1, got {num_flows!r}")
-    return int(num_flows)
-
-
-def _planar_stack(num_flows: int, compile: bool, latent_dim: int) -> Transform:
+def _make_planar_flow(num_flows: int, compile: bool, latent_dim: int) -> Transform:
     flow = planar_flow(latent_dim, num_flows, compile=compile)
     flow.reset_parameters(near_identity=True)  # step-0 guide = the affine base
     return flow
 
 
-def _radial_stack(num_flows: int, compile: bool, latent_dim: int) -> Transform:
+def _make_radial_flow(num_flows: int, compile: bool, latent_dim: int) -> Transform:
     flow = radial_flow(latent_dim, num_flows, compile=compile)
     flow.reset_parameters(near_identity=True)
     return flow
@@ -897,8 +893,8 @@ class AutoPlanarFlow(AutoNormalizingFlow):
     def __init__(
         self, model: Callable, num_flows: int = 16, *, compile: bool = False, **kwargs
     ) -> None:
-        num_flows = _check_num_flows(num_flows)
-        super().__init__(model, functools.partial(_planar_stack, num_flows, compile), **kwargs)
+        num_flows = check_int(num_flows, "num_flows")
+        super().__init__(model, functools.partial(_make_planar_flow, num_flows, compile), **kwargs)
         self.num_flows = num_flows
 
 
@@ -927,8 +923,8 @@ class AutoRadialFlow(AutoNormalizingFlow):
     def __init__(
         self, model: Callable, num_flows: int = 16, *, compile: bool = False, **kwargs
     ) -> None:
-        num_flows = _check_num_flows(num_flows)
-        super().__init__(model, functools.partial(_radial_stack, num_flows, compile), **kwargs)
+        num_flows = check_int(num_flows, "num_flows")
+        super().__init__(model, functools.partial(_make_radial_flow, num_flows, compile), **kwargs)
         self.num_flows = num_flows
 
 
@@ -974,7 +970,7 @@ class AutoSylvesterFlow(AutoNormalizingFlow):
         from .transforms._base import check_input_dim
         from .transforms.sylvester import KINDS
 
-        num_flows = _check_num_flows(num_flows)
+        num_flows = check_int(num_flows, "num_flows")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         if bottleneck is not None:

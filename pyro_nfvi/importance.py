@@ -85,7 +85,7 @@ from pyro.ops.stats import fit_generalized_pareto
 from pyro.poutine import Trace
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
-from .diagnostics import log_mean_exp
+from .diagnostics import log_mean_exp, plate_nesting
 
 __all__ = [
     "ImportanceWarning",
@@ -545,15 +545,7 @@ def _reference(model, guide, args, kwargs):
             f"the guide does not sample the model's latent site(s) {missing}; importance "
             "weights need q(z) for every latent site"
         )
-    dims = [
-        -f.dim
-        for tr in (model_trace, guide_trace)
-        for site in tr.nodes.values()
-        if site["type"] == "sample"
-        for f in site["cond_indep_stack"]
-        if f.vectorized and f.dim is not None
-    ]
-    return latents, max(dims, default=0), (guide_plates, model_plates)
+    return latents, plate_nesting(model_trace, guide_trace), (guide_plates, model_plates)
 
 
 def _draw_vectorized(model, guide, args, kwargs, n, latents, mpn, subsample=None):

@@ -49,6 +49,7 @@ from torch.distributions.transforms import AffineTransform
 
 from ._validation import check_int
 from .diagnostics import plate_nesting
+from .targets import log_density_fn
 try:  # notebook widget bars need ipywidgets; without it tqdm.auto only warns
     import ipywidgets  # noqa: F401
     from tqdm.auto import tqdm
@@ -56,10 +57,6 @@ except ImportError:
     from tqdm import tqdm
 
 __all__ = ["fit", "fit_density", "DensityFit", "AffineBase"]
-
-
-def _check_num_steps(num_steps: Any) -> int:
-    return check_int(num_steps, "num_steps")
 
 
 #: ``fit``'s defaults, chosen on the posterior suite (``benchmarks/posterior_suite.py``):
@@ -119,7 +116,7 @@ def fit(
         before the optimiser step, so the guide keeps the parameters of the last good step
         (the message names the step and the parameters with non-finite gradients).
     """
-    num_steps = _check_num_steps(num_steps)
+    num_steps = check_int(num_steps, "num_steps")
     num_particles = check_int(num_particles, "num_particles")
     if optim is None:
         optim = default_optim(num_steps)
@@ -262,14 +259,6 @@ def _parameters(transforms: Iterable[Any]) -> List[torch.nn.Parameter]:
     return params
 
 
-def _log_density_fn(target: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    if hasattr(target, "log_prob_unnormalized"):
-        return target.log_prob_unnormalized
-    if callable(target):
-        return target
-    raise TypeError("target must be a Target or a callable z -> log p~(z)")
-
-
 def fit_density(
     flow: Union[Transform, Sequence[Transform]],
     target: Any,
@@ -332,7 +321,7 @@ def fit_density(
     :returns: a :class:`DensityFit` (``.q``, ``.losses``, ``.betas``, ``.seconds``).
     :raises FloatingPointError: on a NaN/inf loss (the message names the step).
     """
-    num_steps = _check_num_steps(num_steps)
+    num_steps = check_int(num_steps, "num_steps")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not 0.0 < beta0 <= 1.0:
@@ -343,7 +332,7 @@ def fit_density(
         raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps}")
     if seed is not None:
         torch.manual_seed(seed)
-    log_p = _log_density_fn(target)
+    log_p = log_density_fn(target)
     flows = _as_transform_list(flow)
     if base is None:
         base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)

@@ -328,12 +328,12 @@ class ConditionedSylvester(ConditionedFlow):
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
         D, (A, B, b, q, _) = self._parts(with_W=False)
-        check_event(x, D)
+        x = check_event(x, D)
         return sylvester_layer(x, A, B, b, q)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         D, parts = self._parts()
-        check_event(y, D, "y")
+        y = check_event(y, D, "y")
         return sylvester_layer_inverse(y, *parts)
 
     @torch.no_grad()
@@ -341,8 +341,8 @@ class ConditionedSylvester(ConditionedFlow):
         """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, without an
         inverse (see :func:`sylvester_push_score`); used for sticking-the-landing gradients."""
         D, parts = self._parts()
-        check_event(x, D)
-        check_event(score, D, "score")
+        x = check_event(x, D)
+        score = check_event(score, D, "score")
         return sylvester_push_score(x, score, *parts)
 
 
@@ -532,7 +532,7 @@ class ConditionedStackedSylvester(ConditionedFlow):
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
         D, (A, B, b, q, _) = self._parts(with_W=False)
-        check_event(x, D)
+        x = check_event(x, D)
         ts = []
         if A.dim() == 3:  # unbatched parameters: each product is one GEMM with its bias
             batch_shape = x.shape[:-1]
@@ -554,7 +554,7 @@ class ConditionedStackedSylvester(ConditionedFlow):
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         D, (A, B, b, q, W) = self._parts()
-        check_event(y, D, "y")
+        y = check_event(y, D, "y")
         for k in reversed(range(b.shape[-2])):
             y = sylvester_layer_inverse(
                 y, A[..., k, :, :], B[..., k, :, :], b[..., k, :], q[..., k, :], W[..., k, :, :]
@@ -566,8 +566,8 @@ class ConditionedStackedSylvester(ConditionedFlow):
         """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, layer by
         layer without an inverse (see :func:`sylvester_push_score`)."""
         D, (A, B, b, q, W) = self._parts()
-        check_event(x, D)
-        check_event(score, D, "score")
+        x = check_event(x, D)
+        score = check_event(score, D, "score")
         for k in range(b.shape[-2]):
             x, score = sylvester_push_score(
                 x, score, A[..., k, :, :], B[..., k, :, :], b[..., k, :], q[..., k, :], W[..., k, :, :]
