@@ -34,3 +34,14 @@ def test_bench_speed_regression_section_runs(capsys):
     bench.bench_svi_regression(rounds=1)
     out = capsys.readouterr().out
     assert out.count("pyro/ours") == 4 and "nan" not in out
+
+
+def test_bench_guide_cost_runs(capsys):
+    bench = _load("bench_guide_cost")
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--models", "funnel", "--steps", "1", "--rounds", "1", "--particles", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "funnel" in out and "AutoPlanarFlow" in out and "(1.00x)" in out

@@ -138,23 +138,10 @@ def test_staleness_of_a_fresh_stamp(tmp_path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_notebook_outputs_are_current(path):
-    # transitional check (code cells + full mode + no error outputs) until the notebooks
-    # are re-executed with the new stamp; then execute.staleness(nb) must be empty.
     nb = nbformat.read(path, as_version=4)
-    stamp = nb.metadata.get(execute.METADATA_KEY)
-    fix = f"re-run: python tutorials/execute.py tutorials/{path.name}"
-    assert stamp, f"{path.name} was never executed by tutorials/execute.py; {fix}"
-    assert stamp.get("mode") == "full", (
-        f"{path.name} was last executed in {stamp.get('mode')!r} mode, not 'full'; {fix}")
-    if "cells_sha256" in stamp:
-        reasons = execute.staleness(nb)
-        assert not reasons, f"{path.name} is stale: {reasons}; {fix}"
-    else:
-        assert stamp.get("code_sha256") == execute.code_sha256(nb), (
-            f"the code of {path.name} changed after its outputs were produced; {fix}")
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if o.output_type == "error"]
-    assert not errors, f"{path.name} was committed with an error output; {fix}"
+    reasons = execute.staleness(nb)
+    assert not reasons, (f"{path.name} is stale:\n  - " + "\n  - ".join(reasons)
+                         + "\nre-run: python tutorials/execute.py --all  (full mode, then commit)")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -164,6 +151,8 @@ def test_notebook_runs_short(path, tmp_path):
     t0 = time.perf_counter()
     # as tests/conftest.py does for this process: one intra-op thread for small tensors
     threads = os.environ.get("PYRO_NFVI_TEST_THREADS", "1")
-    execute.execute_notebook(copy, short=True, timeout=SHORT_CELL_TIMEOUT, cwd=tmp_path,
-                             write=False, extra_env={"OMP_NUM_THREADS": threads})
+    nb = execute.execute_notebook(copy, short=True, timeout=SHORT_CELL_TIMEOUT, cwd=tmp_path,
+                                  write=False, extra_env={"OMP_NUM_THREADS": threads})
     print(f"{path.name}: {time.perf_counter() - t0:.1f} s in short mode")
+    problems = execute.output_problems(nb)
+    assert not problems, f"{path.name} (short mode) prints noise:\n" + "\n".join(problems)

@@ -1,0 +1,82 @@
+"""Per-step cost of the default flow guides against Pyro's built-in guides, side by side.
+
+Each guide trains on each model of the posterior suite with the SAME loss (``Trace_ELBO``
+with ``--particles`` vectorised particles, the package's default) and optimiser; the
+script prints ms per SVI step and the ratio to ``AutoMultivariateNormal`` measured in the
+same process (interleaved rounds, median), so machine load cancels out of the ratios.
+
+    python benchmarks/bench_guide_cost.py                 # all suite models
+    python benchmarks/bench_guide_cost.py --models eight_schools --steps 50
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import pyro
+import torch
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoIAFNormal, AutoMultivariateNormal, AutoNormal
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from suite_models import MODELS, get_model  # noqa: E402
+
+import pyro_nfvi  # noqa: E402
+from pyro_nfvi.diagnostics import plate_nesting  # noqa: E402
+from pyro_nfvi.infer import DEFAULT_NUM_PARTICLES  # noqa: E402
+
+GUIDES = {
+    "AutoNormal": AutoNormal,
+    "AutoMultivariateNormal": AutoMultivariateNormal,
+    "AutoIAFNormal": AutoIAFNormal,
+    "AutoPlanarFlow": pyro_nfvi.AutoPlanarFlow,
+    "AutoSylvesterFlow": pyro_nfvi.AutoSylvesterFlow,
+}
+
+
+def make_svi(model, guide_cls, args, particles: int):
+    nesting = plate_nesting(pyro.poutine.trace(model).get_trace(*args))
+    guide = guide_cls(model)
+    loss = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1,
+                      max_plate_nesting=nesting)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 0.01}), loss)
+    for _ in range(5):  # setup and warm-up
+        svi.step(*args)
+    return svi
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=list(MODELS))
+    p.add_argument("--steps", type=int, default=100, help="steps per timing round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--particles", type=int, default=DEFAULT_NUM_PARTICLES)
+    opts = p.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"ms per SVI step, {opts.particles} vectorised particles, median of {opts.rounds} "
+          f"interleaved rounds of {opts.steps} steps; ratio to AutoMultivariateNormal")
+    print(f"{'model':14s} " + " ".join(f"{g:>24s}" for g in GUIDES))
+    for name in opts.models:
+        spec = get_model(name)
+        args = spec.make_args()
+        pyro.clear_param_store()  # the guides' parameter names differ (class names)
+        svis = {g: make_svi(spec.model, cls, args, opts.particles) for g, cls in GUIDES.items()}
+        times = {g: [] for g in GUIDES}
+        for _ in range(opts.rounds):
+            for g, svi in svis.items():
+                t0 = time.perf_counter()
+                for _ in range(opts.steps):
+                    svi.step(*args)
+                times[g].append(1e3 * (time.perf_counter() - t0) / opts.steps)
+        ms = {g: statistics.median(v) for g, v in times.items()}
+        ref = ms["AutoMultivariateNormal"]
+        print(f"{name:14s} " + " ".join(f"{ms[g]:10.2f} ms ({ms[g] / ref:4.2f}x)" for g in GUIDES),
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
