@@ -180,36 +180,6 @@ class _LatentsOnly(Exception):
     rest of the model (typically its likelihood) is not run."""
 
 
-class _FindHierarchical(Messenger):
-    """Runs the model on the prototype values with fresh leaf tensors and records the
-    Normal / LogNormal sites whose loc or scale is a function of an earlier latent site."""
-
-    def __init__(self, values: Dict[str, torch.Tensor]) -> None:
-        super().__init__()
-        self.values = values
-        self.leaves: list = []
-        self.found: list = []
-
-    def _pyro_sample(self, msg) -> None:
-        name = msg["name"]
-        if msg["is_observed"] or name not in self.values:
-            return
-        params = _loc_scale(msg["fn"])
-        if params is not None and self.leaves:
-            outs = [p for p in params if torch.is_tensor(p) and p.requires_grad]
-            if outs:
-                grads = torch.autograd.grad([o.sum() for o in outs], self.leaves,
-                                            allow_unused=True, retain_graph=True)
-                if any(g is not None for g in grads):
-                    self.found.append(name)
-        leaf = self.values[name].detach().clone().requires_grad_()
-        self.leaves.append(leaf)
-        msg["value"] = leaf
-        msg["is_observed"] = True
-        if len(self.leaves) == len(self.values):
-            raise _LatentsOnly
-
-
 class _PlaceLatents(Messenger):
     """Runs the model with the guide's unconstrained draws ``x`` and turns them into site
     values: a hierarchical site gets ``(1 - c) loc + scale^(1 - c) x`` (partial
@@ -288,13 +258,16 @@ _EXACT_CURVATURE_MAX = 32
 
 class _Unconstrained(Messenger):
     """Runs the model with every latent site set from a leaf tensor in unconstrained space
-    (at the prototype values), recording the leaves and each site's prior scale."""
+    (at the prototype values), recording the leaves, each Normal/LogNormal site's prior
+    scale, and (``found``) the hierarchical ones: those whose loc or scale is a function of
+    an earlier latent site."""
 
     def __init__(self, values: Dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.values = values
         self.leaves: Dict[str, torch.Tensor] = {}
         self.scales: Dict[str, torch.Tensor] = {}
+        self.found: list = []
 
     def _pyro_sample(self, msg) -> None:
         name = msg["name"]
@@ -305,13 +278,20 @@ class _Unconstrained(Messenger):
         params = _loc_scale(msg["fn"])
         if params is not None:
             self.scales[name] = torch.as_tensor(params[1]).detach()
+            outs = [p for p in params if torch.is_tensor(p) and p.requires_grad]
+            if outs and self.leaves:
+                grads = torch.autograd.grad([o.sum() for o in outs], list(self.leaves.values()),
+                                            allow_unused=True, retain_graph=True)
+                if any(g is not None for g in grads):
+                    self.found.append(name)
         self.leaves[name] = leaf
         msg["value"] = transform(leaf)
         msg["is_observed"] = True
 
 
 def _log_joint_curvature(model: Callable, values: Dict[str, torch.Tensor], args, kwargs):
-    """``(leaves, diag, scales)``: the diagonal of the Hessian of the model's log joint in
+    """``(found, diag, scales)``: the hierarchical sites (see :class:`_Unconstrained`), the
+    diagonal of the Hessian of the model's log joint in
     unconstrained coordinates at the prototype values (site → tensor shaped like the site's
     unconstrained value; exact per coordinate for up to ``_EXACT_CURVATURE_MAX``
     coordinates in all, else row sums within each site), and the prior scales of the
@@ -342,7 +322,7 @@ def _log_joint_curvature(model: Callable, values: Dict[str, torch.Tensor], args,
                 (r,) = torch.autograd.grad(flat.sum(), leaf, retain_graph=True, allow_unused=True)
                 d = None if r is None else r.reshape(-1)
             diag[name] = None if d is None else d.detach().reshape(leaf.shape)
-    return probe.leaves, diag, probe.scales
+    return probe.found, diag, probe.scales
 
 
 def _arg_shapes(args, kwargs) -> tuple:
@@ -399,8 +379,9 @@ class AutoNormalizingFlow(AutoContinuous):
     location and scale of the posterior (a ``tanh`` layer fed raw coordinates of
     scale 100 would saturate). Since flows are initialised near the identity,
     at step 0 the guide is approximately :math:`\mathcal{N}(\mu_0,
-    \text{init\_scale}^2 I)` with :math:`\mu_0` given by ``init_loc_fn``, like
-    :class:`~pyro.infer.autoguide.AutoNormal`. With ``full_rank=True`` and
+    \mathrm{diag}(s_0^2))` with :math:`\mu_0` given by ``init_loc_fn`` and :math:`s_0`
+    by ``init_scale`` (a number, as in :class:`~pyro.infer.autoguide.AutoNormal`, or by
+    default from the curvature of the log joint at :math:`\mu_0`). With ``full_rank=True`` and
     identity flows the family contains every multivariate normal, so the guide
     is a strict superset of :class:`~pyro.infer.autoguide.AutoMultivariateNormal`.
 
@@ -621,21 +602,15 @@ class AutoNormalizingFlow(AutoContinuous):
         centredness (``centered=None``); with ``init_scale=None`` set every coordinate's
         initial scale from the curvature of the log joint (see :meth:`_init_from_curvature`)."""
         self._hierarchical = {}
+        if self.centered == 1.0 and self._init_scale is not None:
+            return  # nothing to find or to initialise from the model
         values = {name: site["value"] for name, site in self.prototype_trace.iter_stochastic_nodes()}
-        found = []
-        if self.centered != 1.0:
-            probe = _FindHierarchical(values)
-            with torch.enable_grad(), torch.random.fork_rng(devices=[]):
-                _run_latents(probe, self.model, args, kwargs)
-            found = probe.found
+        found, diag, prior_scales = _log_joint_curvature(self.model, values, args, kwargs)
         pos = 0
-        for name in found:
+        for name in found if self.centered != 1.0 else []:
             size = _product(self._unconstrained_shapes[name])
             self._hierarchical[name] = slice(pos, pos + size)
             pos += size
-        if not (self._hierarchical and self.centered is None) and self._init_scale is not None:
-            return
-        _, diag, prior_scales = _log_joint_curvature(self.model, values, args, kwargs)
         self._init_from_curvature(diag, prior_scales)
 
     def _init_from_curvature(self, diag, prior_scales) -> None:
@@ -668,7 +643,7 @@ class AutoNormalizingFlow(AutoContinuous):
                 info = torch.zeros(shape) if neg is None else (neg - 1 / tau2).clamp_min(0)
                 kappa = tau2 * info / (1 + tau2 * info)
                 c = (kappa * kappa).clamp(lo, hi) if self.centered is None else torch.full(
-                    shape, 0.0 if self.centered is None else self.centered)
+                    shape, self.centered)
                 centering.append(c.reshape(-1))
                 scale = tau2.sqrt() ** c / (1 + tau2 * info).sqrt()
             elif neg is None:
