@@ -31,50 +31,18 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
+from pathlib import Path
 
-import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 
 from pyro_nfvi import helpers
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_speed import reverse_kl_step, time_interleaved  # noqa: E402  one home each
+
 PYRO_REFLECTIONS = 8
-
-
-def reverse_kl_step(flow: torch.nn.Module, D: int, B: int):
-    """A closure doing one reverse-KL step of ``N(0, I) -> flow`` against a Gaussian."""
-    q = dist.TransformedDistribution(dist.Normal(torch.zeros(D), 1.0).to_event(1), [flow])
-    target = dist.Normal(torch.full((D,), 0.5), 2.0).to_event(1)
-    opt = torch.optim.Adam(flow.parameters(), lr=1e-3)
-
-    def step():
-        opt.zero_grad()
-        z = q.rsample((B,))
-        loss = (q.log_prob(z) - target.log_prob(z)).mean()
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def median_ms(steps: dict, rounds: int, min_time: float) -> dict:
-    """Median ms per call of each closure, measured in interleaved rounds."""
-    reps = {}
-    for name, step in steps.items():
-        step()  # warm-up
-        t0 = time.perf_counter()
-        step()
-        reps[name] = max(1, int(min_time / max(time.perf_counter() - t0, 1e-6)))
-    samples = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            t0 = time.perf_counter()
-            for _ in range(reps[name]):
-                step()
-            samples[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
-    return {name: statistics.median(v) for name, v in samples.items()}
 
 
 def contenders(D: int, K: int, Ms):
@@ -101,7 +69,7 @@ def run(dims, Ms_of, K: int, B: int, rounds: int, min_time: float) -> list:
         steps = {key: reverse_kl_step(f, D, B) for key, f in flows.items()}
         steps["planar"] = reverse_kl_step(planar, D, B)
         steps["pyro"] = reverse_kl_step(pyro, D, B)
-        ms = median_ms(steps, rounds, min_time)
+        ms = time_interleaved(steps, rounds, min_time)
         for (kind, M) in flows:
             ours = ms[(kind, M)]
             row = dict(D=D, M=M, kind=kind, ours=ours, planar=ms["planar"], pyro=ms["pyro"])

@@ -1,18 +1,15 @@
 """Sylvester flows: log-dets against autograd slogdet, exact inverses, the planar special
 case, the score push-forward, conditional forms, edges, and Pyro's Sylvester."""
 
-from functools import partial
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as pyro_T
 import pytest
 import torch
-from pyro.distributions.torch_transform import ComposeTransformModule
 
 from pyro_nfvi import helpers
 from pyro_nfvi.testing import check_transform
 from pyro_nfvi.transforms import (
-    ConditionalStackedSylvester,
     ConditionalSylvester,
     ConditionedPlanar,
     ConditionedStackedSylvester,
@@ -21,6 +18,7 @@ from pyro_nfvi.transforms import (
     Sylvester,
 )
 from pyro_nfvi.transforms.sylvester import householder_product, sylvester_triangles
+from _helpers import assert_stack_matches_composition, randomize_
 
 DIMS = [1, 2, 5, 10]
 # (kind, bottleneck as a function of D)
@@ -31,14 +29,6 @@ VARIANTS = {
     "householder": ("householder", lambda D: D),
     "triangular": ("triangular", lambda D: D),
 }
-
-
-def randomize_(module, scale, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return module
 
 
 def make(variant, D, stacked=False, K=3, conditional=False, context_dim=3):
@@ -184,14 +174,7 @@ def test_stack_equals_composition_of_single_layers(variant, K):
             layer = Sylvester(D, kind="triangular", reverse=bool(k % 2)).double()
         layer.load_state_dict({n: getattr(stack, n)[k] for n, _ in layer.named_parameters()})
         layers.append(layer)
-    composed = ComposeTransformModule(layers)
-    x = torch.randn(20, D, dtype=torch.float64) * 3
-    y_s, ladj_s = stack.call_and_ladj(x)
-    y_c = composed(x)
-    assert torch.allclose(y_s, y_c, atol=1e-12, rtol=0)
-    assert torch.allclose(ladj_s, composed.log_abs_det_jacobian(x, y_c), atol=1e-12, rtol=0)
-    y_new = torch.randn(20, D, dtype=torch.float64) * 3
-    assert torch.allclose(stack._inverse(y_new), composed.inv(y_new), atol=1e-11, rtol=0)
+    assert_stack_matches_composition(stack, layers, D, inv_atol=1e-11)
 
 
 def test_batched_and_unbatched_parameter_paths_agree():

@@ -6,11 +6,11 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as pyro_T
 import pytest
 import torch
-from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import AutoNormalizingFlow as PyroAutoNormalizingFlow
 
 import pyro_nfvi
+from _helpers import assert_stack_matches_composition, randomize_
 from pyro_nfvi import helpers
 from pyro_nfvi.testing import check_transform
 from pyro_nfvi.transforms.planar import planar_log_det, planar_u_hat
@@ -39,14 +39,6 @@ CONDITIONAL = {
     "conditional_planar_flow": partial(helpers.conditional_planar_flow, num_flows=3),
     "conditional_radial_flow": partial(helpers.conditional_radial_flow, num_flows=3),
 }
-
-
-def randomize_(module, scale, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * scale)
-    return module
 
 
 @pytest.mark.parametrize("D", DIMS)
@@ -237,14 +229,7 @@ def test_stack_equals_composition_of_single_layers(K):
             layer = single(D).double()
             layer.load_state_dict({n: getattr(stack, n)[k].reshape(getattr(layer, n).shape) for n in names})
             layers.append(layer)
-        composed = ComposeTransformModule(layers)
-        x = torch.randn(20, D, dtype=torch.float64) * 3
-        y_s, ladj_s = stack.call_and_ladj(x)
-        y_c = composed(x)
-        assert torch.allclose(y_s, y_c, atol=1e-12, rtol=0)
-        assert torch.allclose(ladj_s, composed.log_abs_det_jacobian(x, y_c), atol=1e-12, rtol=0)
-        y_new = torch.randn(20, D, dtype=torch.float64) * 3
-        assert torch.allclose(stack._inverse(y_new), composed.inv(y_new), atol=1e-12, rtol=0)
+        assert_stack_matches_composition(stack, layers, D)
 
 
 def test_stack_state_dict_round_trip():
