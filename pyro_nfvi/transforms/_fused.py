@@ -14,8 +14,9 @@ against the plain autograd loop (``gradcheck`` included) in the tests.
 
 Which route a stack takes is decided in one place, :func:`stack_route` (see its table).
 Only unbatched parameters (``(K, D)``, a learnable stack) take a kernel; the conditional
-(batched-parameter) case and ``torch.compile`` use the plain autograd loop of
-:mod:`.planar` / :mod:`.radial`. Every kernel route is compared with that loop (values,
+(batched-parameter) case and ``torch.compile`` use the plain autograd loops of
+:mod:`._math`. This module needs nothing from the layer modules (:mod:`.planar`,
+:mod:`.radial` import it, not the reverse). Every kernel route is compared with that loop (values,
 gradients, ``gradcheck``) in ``tests/test_transforms.py::test_every_kernel_route_matches_autograd``,
 which enumerates :data:`KERNEL_ROUTES`: a hand edit of :mod:`._math` that the backward
 does not follow fails there.
@@ -23,14 +24,26 @@ does not follow fails there.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .._compat import compile_unavailable_errors, functorch_transforms_active
-from ._math import maximum, planar_det, planar_u_hat_parts, radial_ab, radial_log_det, softplus_grad
+from ._math import (
+    maximum,
+    planar_det,
+    planar_stack_loop,
+    planar_u_hat_parts,
+    radial_ab,
+    radial_log_det,
+    radial_stack_loop,
+    softplus_grad,
+    split_planar_theta,
+    split_radial_theta,
+)
 
 # Test hook: False sends CPU float32/float64 stacks down the torch kernel too (the tests
 # compare both kernels on one machine). Read only by :func:`stack_route`.
@@ -322,31 +335,32 @@ class _FusedStack(torch.autograd.Function):
         return g_x, g_th, None, None
 
 
-# > 0 while a backward recomputes a stack with the plain loop (stack_route then says "plain")
+# Test hooks: > 0 makes stack_route say "plain" (the reference loop); see forced_route
 _PLAIN_DEPTH = 0
+_FORCED: Optional[str] = None
 
 
 def _plain_backward(ctx, x, theta, gy, gl):
     """Vector-Jacobian product of the plain autograd loop, with its graph kept."""
-    global _PLAIN_DEPTH
-    if ctx.kernels is _PLANAR:
-        from .planar import stacked_planar_packed as plain
-    else:
-        from .radial import stacked_radial_packed as plain
     wanted = [t for t, need in zip((x, theta), ctx.needs_input_grad[:2]) if need]
-    _PLAIN_DEPTH += 1
-    try:
-        y, ladj = plain(x, theta)
-    finally:
-        _PLAIN_DEPTH -= 1
+    y, ladj = ctx.kernels[2](x, theta)
     grads = iter(torch.autograd.grad((y, ladj), wanted, (gy, gl), create_graph=True, allow_unused=True))
     g_x = next(grads) if ctx.needs_input_grad[0] else None
     g_th = next(grads) if ctx.needs_input_grad[1] else None
     return g_x, g_th, None, None
 
 
-_PLANAR = (_planar_forward, _planar_backward)
-_RADIAL = (_radial_forward, _radial_backward)
+def _planar_plain(x, theta):
+    return planar_stack_loop(x, *split_planar_theta(theta, x.shape[-1]))
+
+
+def _radial_plain(x, theta):
+    return radial_stack_loop(x, *split_radial_theta(theta, x.shape[-1]))
+
+
+# (forward kernel, backward kernel, plain autograd loop on packed parameters)
+_PLANAR = (_planar_forward, _planar_backward, _planar_plain)
+_RADIAL = (_radial_forward, _radial_backward, _radial_plain)
 
 
 def stack_route(x: torch.Tensor, *params: torch.Tensor) -> str:
@@ -359,7 +373,7 @@ def stack_route(x: torch.Tensor, *params: torch.Tensor) -> str:
                       layer (the plain ops are as cheap), ``x`` of another dtype,
                       tracing / ``torch.compile`` / a ``torch.func`` transform or
                       forward-mode AD (the kernels have no batching rule or jvp),
-                      or inside the differentiable recompute of a double backward
+                      or forced by :func:`forced_route` (a test hook)
     ``"fused-numpy"`` otherwise, CPU float32/float64: the kernels on zero-copy NumPy
                       views (a NumPy call costs ~0.5-1 µs, a torch op ~3 µs)
     ``"fused-torch"`` otherwise (CUDA, MPS, half precision): the same kernels in torch
@@ -376,11 +390,26 @@ def stack_route(x: torch.Tensor, *params: torch.Tensor) -> str:
         return PLAIN
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or functorch_transforms_active():
         return PLAIN
-    if _PLAIN_DEPTH:  # recomputing for a double backward
+    if _PLAIN_DEPTH or _FORCED == PLAIN:
         return PLAIN
     if x.dim() < 1 or x.dtype != params[0].dtype:
         return PLAIN
-    return _kernel_for(x)
+    return _FORCED or _kernel_for(x)
+
+
+@contextlib.contextmanager
+def forced_route(route: str) -> Iterator[None]:
+    """Test hook: inside the block :func:`stack_route` answers ``route`` wherever a
+    kernel could run (``"plain"``: everywhere), so one test can run the same stack down
+    every route on one machine."""
+    global _FORCED
+    if route not in (PLAIN,) + KERNEL_ROUTES:
+        raise ValueError(f"route must be one of {(PLAIN,) + KERNEL_ROUTES}, got {route!r}")
+    previous, _FORCED = _FORCED, route
+    try:
+        yield
+    finally:
+        _FORCED = previous
 
 
 def _kernel_for(x: torch.Tensor) -> str:

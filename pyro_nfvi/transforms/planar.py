@@ -34,7 +34,7 @@ import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
 from ._fused import PLAIN, planar_stack_kernel, stack_route
-from ._math import planar_log_det, planar_u_hat
+from ._math import planar_log_det, planar_stack_loop, planar_u_hat, split_planar_theta
 from ._base import (
     ConditionalFlow,
     ConditionalStackedFlow,
@@ -321,14 +321,7 @@ def stacked_planar(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
     route = stack_route(x, u, w, bias)
     if route != PLAIN:
         return planar_stack_kernel(x, torch.cat([u, w, bias], -1), route)
-    u_hat, q = planar_u_hat(u, w)
-    ts = []
-    for k in range(w.shape[-2]):
-        t = torch.tanh((x * w[..., k, :]).sum(-1, keepdim=True) + bias[..., k, :])
-        x = x + u_hat[..., k, :] * t
-        ts.append(t)
-    t = torch.cat(ts, dim=-1)
-    return x, planar_log_det(t, q.squeeze(-1)).sum(-1)
+    return planar_stack_loop(x, bias, u, w)
 
 
 def stacked_planar_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -340,7 +333,7 @@ def stacked_planar_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     if theta.shape[-2] == 1:  # one layer: as cheap as the single-layer class
         u, w, bias = theta.squeeze(-2).split([D, D, 1], -1)
         return planar_call(x, bias, u, w)
-    return stacked_planar(x, theta[..., 2 * D :], theta[..., :D], theta[..., D : 2 * D])
+    return planar_stack_loop(x, *split_planar_theta(theta, D))
 
 
 class ConditionedStackedPlanar(ConditionedFlow):

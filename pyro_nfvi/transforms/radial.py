@@ -31,7 +31,7 @@ import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
 from ._fused import PLAIN, radial_stack_kernel, stack_route
-from ._math import radial_ab, radial_log_det, radial_norm
+from ._math import radial_ab, radial_log_det, radial_norm, radial_stack_loop, split_radial_theta
 from ._base import (
     ConditionalFlow,
     ConditionalStackedFlow,
@@ -262,15 +262,7 @@ def stacked_radial(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.
     route = stack_route(x, x0, alpha_prime, beta_prime)
     if route != PLAIN:
         return radial_stack_kernel(x, torch.cat([x0, alpha_prime, beta_prime], -1), route)
-    alpha, beta, s = radial_ab(alpha_prime, beta_prime)
-    rs = []
-    for k in range(x0.shape[-2]):
-        diff = x - x0[..., k, :]
-        r = radial_norm(diff)
-        x = x + (beta[..., k, :] / (alpha[..., k, :] + r)) * diff
-        rs.append(r)
-    r = torch.cat(rs, dim=-1)
-    return x, radial_log_det(r, alpha.squeeze(-1), s.squeeze(-1), x0.shape[-1]).sum(-1)
+    return radial_stack_loop(x, x0, alpha_prime, beta_prime)
 
 
 def stacked_radial_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +274,7 @@ def stacked_radial_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     if theta.shape[-2] == 1:  # one layer: as cheap as the single-layer class
         x0, alpha_prime, beta_prime = theta.squeeze(-2).split([D, 1, 1], -1)
         return radial_call(x, x0, alpha_prime, beta_prime)
-    return stacked_radial(x, theta[..., :D], theta[..., D : D + 1], theta[..., D + 1 :])
+    return radial_stack_loop(x, *split_radial_theta(theta, D))
 
 
 class ConditionedStackedRadial(ConditionedFlow):
