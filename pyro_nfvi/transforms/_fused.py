@@ -289,6 +289,92 @@ def _radial_backward(xp, x, th, saved, gy, gl):
     return _as_contiguous(xp, gt.T), g_th
 
 
+# ------------------------------------------------------------------ score push (STL)
+# ``(x, s_x) -> (y, s_y)`` with ``s = ∇ log density``, pushed forward through the K
+# layers without an inverse: what sticking-the-landing needs. The per-layer formulas are
+# those of :func:`.planar.planar_push_score` / :func:`.radial.radial_push_score` (the
+# plain loop, the reference), rearranged so that a layer costs a few small ops.
+
+
+def _planar_score_recurrence(xp, alpha, beta, us, m):
+    """``c_k = α_k + β_k (us_k - Σ_{j<k} m_jk c_j)`` for ``(K, N)`` arrays and ``m (K, K)``."""
+    K = alpha.shape[0]
+    c = xp.zeros_like(alpha)
+    mt = m.T
+    for k in range(K):
+        c[k] = alpha[k] + beta[k] * (us[k] - mt[k, :k] @ c[:k])
+    return c
+
+
+def _planar_push(xp, x, th, score):
+    """Planar layers: ``J_k^{-T} = I - h'_k w_k û_kᵀ / det_k`` (Sherman–Morrison), so each
+    layer subtracts ``c_k w_k`` from the score, with
+    ``c_k = (h''_k k_k + h'_k (û_k·s_k - h''_k k_k²/det_k)) / det_k`` (``k_k = w_k·û_k``).
+    Since ``û_k·s_k = û_k·s_0 - Σ_{j<k} c_j û_k·w_j``, the ``c_k`` follow a scalar
+    recurrence through the same ``(K, K)`` matrix ``m`` as the forward pass, and
+    ``s_y = s_0 - Σ_k c_k w_k`` is one product: nothing of size ``D`` per layer."""
+    D = x.shape[1]
+    u, w, b = th[:, :D], th[:, D : 2 * D], th[:, 2 * D]
+    u_hat, q, _ = planar_u_hat_parts(u, w, xp)
+    m = _mm(xp, w, u_hat.T)  # m_kj = w_k·û_j
+    t = _planar_recurrence(xp, _mm(xp, w, x.T) + b[:, None], m)  # (K, N)
+    y = x + _mm(xp, t.T, u_hat)
+    det = planar_det(t, q, xp)
+    h1 = 1 - t * t
+    kq = q - 1
+    h2k = -2 * t * h1 * kq  # h''(a) k
+    beta = h1 / det
+    alpha = (h2k - beta * h2k * kq) / det
+    c = _planar_score_recurrence(xp, alpha, beta, _mm(xp, u_hat, score.T), m)
+    return y, score - _mm(xp, c.T, w)
+
+
+def _radial_push(xp, x, th, score):
+    """Radial layers: ``J = c I + e n nᵀ`` (``n = d/r``) is symmetric, so
+    ``s' = J^{-1}(s - L'(r) n) = s/c + n ((n·s - L')(1/(c+e) - 1/c) - L'/c)``, with
+    ``1/c = (α+r)/(s+r)``, ``1/(c+e) = (α+r)²/(αs + 2αr + r²)`` and
+    ``L' = (D-1)(1/(s+r) - 1/(α+r)) + 2(α+r)/(αs + 2αr + r²) - 2/(α+r)``: per layer
+    one more dot product and one more update of a ``(D, N)`` array than the forward."""
+    D, K = x.shape[1], th.shape[0]
+    x0 = th[:, :D, None]  # (K, D, 1)
+    alpha, beta, s = radial_ab(th[:, D], th[:, D + 1], xp)
+    xt, st = _feature_major(xp, x), _feature_major(xp, score)  # (D, N), updated in place
+    d = xp.empty_like(xt)  # the layout of xt
+    tiny = xp.finfo(xt.dtype).tiny
+    for k in range(K):
+        xp.subtract(xt, x0[k], out=d)
+        r = xp.sqrt(_dot0(xp, d, d))
+        ak, sk = alpha[k], s[k]
+        a, sr, quad = ak + r, sk + r, ak * sk + r * (2 * ak + r)
+        inv_a = 1 / a
+        dlog = (D - 1) * (1 / sr - inv_a) + 2 * a / quad - 2 * inv_a
+        inv_c, inv_ce = a / sr, a * a / quad
+        inv_r = 1 / maximum(xp, r, tiny)
+        ns = _dot0(xp, d, st) * inv_r
+        # r = 0 means d = 0: no n term (the plain loop's n = d / max(r, tiny) = 0)
+        coef = xp.where(r > 0, inv_r * ((ns - dlog) * (inv_ce - inv_c) - inv_c * dlog), 0.0)
+        st *= inv_c
+        st += d * coef
+        xt += d * (beta[k] * inv_a)
+    return _as_contiguous(xp, xt.T), _as_contiguous(xp, st.T)
+
+
+def _push(kernel, x, score, theta, route):
+    """``(y, score_y)`` of a push kernel on ``x``, ``score`` of any (common) batch shape."""
+    x, score = torch.broadcast_tensors(x, score)
+    shape = tuple(x.shape)
+    xp, (xa, sa, tha) = _namespace(route, x, score, theta)
+    xa, sa = xa.reshape(-1, shape[-1]), sa.reshape(-1, shape[-1])
+    with np.errstate(all="ignore"):
+        y, sy = kernel(xp, xa, tha, sa)
+        if xp is np and xa.dtype == np.float32 and not (np.isfinite(y).all() and np.isfinite(sy).all()):
+            # float32 squares overflow (radial r = inf): rerun in float64, as the forward does
+            y, sy = kernel(xp, xa.astype(np.float64), tha.astype(np.float64), sa.astype(np.float64))
+            y, sy = y.astype(np.float32), sy.astype(np.float32)
+    y, sy = _to_torch(xp, y, sy)
+    return y.reshape(shape), sy.reshape(shape)
+
+
 class _FusedStack(torch.autograd.Function):
     """``(x (..., D), theta (K, P)) -> (y (..., D), ladj (...))`` through the ``forward`` /
     ``backward`` kernels given. Batch dims are flattened inside (no autograd view nodes).
@@ -443,6 +529,20 @@ def radial_stack_kernel(x, theta, route=None) -> Tuple[torch.Tensor, torch.Tenso
     ``theta = [x0 | alpha' | beta']`` of shape ``(K, D+2)``; ``x`` of any batch shape.
     ``route``: one of :data:`KERNEL_ROUTES` (default: :func:`stack_route`'s choice)."""
     return _FusedStack.apply(x, theta, _RADIAL, _kernel_route(x, theta, route))
+
+
+def planar_push_kernel(x, score, theta, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, ∇_y log p_Y)`` of K planar layers (packed ``theta = [u | w | b]``) from ``x``
+    and ``score = ∇_x log p_X(x)``, in one pass without an inverse (no autograd graph).
+    ``route``: one of :data:`KERNEL_ROUTES` (default: :func:`stack_route`'s choice)."""
+    with torch.no_grad():
+        return _push(_planar_push, x, score, theta, _kernel_route(x, theta, route))
+
+
+def radial_push_kernel(x, score, theta, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`planar_push_kernel` for radial layers (``theta = [x0 | alpha' | beta']``)."""
+    with torch.no_grad():
+        return _push(_radial_push, x, score, theta, _kernel_route(x, theta, route))
 
 
 
