@@ -6,7 +6,8 @@ times, our stack in eager mode, and our stack with ``compile=True``; ratios are
 ``pyro ms / ours ms`` from the same process.
 
 Part 2: one SVI step (Trace_ELBO, 1 particle, Adam) on a 2-D model for
-``pyro_nfvi.guides.AutoPlanarFlow(num_flows=32)``, Pyro's
+``pyro_nfvi.guides.AutoPlanarFlow(num_flows=32)`` (defaults: sticking-the-landing on; and
+with ``stl=False``), Pyro's
 ``AutoNormalizingFlow(partial(iterated, 32, planar))`` and ``AutoNormal``.
 
 Part 3 (full run only): the same guides plus radial ones on a logistic regression
@@ -16,6 +17,9 @@ cost is a larger share of the step, so the ratios are smaller.
 Part 4 (full run only): a model-dominated SVI step with D = 20000 latents (a
 Normal-Normal plate), AutoPlanarFlow(16) and AutoRadialFlow(16) against
 AutoDiagonalNormal.
+
+Last, the ratios issue 19 sets targets for (SVI step with defaults against Pyro's flow
+guide and AutoNormal; reverse-KL step K = 32, B = 256, D = 2 against Pyro), from this run.
 
 Timings interleave the contenders in rounds and report the median, so background load
 hits them alike. Both sides run with the same number of torch threads (default 1).
@@ -64,28 +68,38 @@ def reverse_kl_step(flow: torch.nn.Module, D: int, B: int):
     return step
 
 
+# The clock of :func:`time_interleaved`: wall time by default; ``--clock cpu`` counts this
+# thread's CPU time only (``time.thread_time``), which background load inflates far less
+# (waits for a core are not counted; cache and frequency effects still are). Valid with
+# one torch thread, the default here, and NumPy's small calls, which are single-threaded.
+CLOCK = time.perf_counter
+
+
 def time_interleaved(steps: dict, rounds: int = 5, min_time: float = 0.15) -> dict:
-    """Median ms/step of each callable, measured in interleaved rounds."""
+    """Median ms/step of each callable, measured in interleaved rounds (on :data:`CLOCK`)."""
+    clock = CLOCK
     reps = {}
     for name, step in steps.items():
         step()
         step()  # warm-up (compilation happens here)
-        t0, n = time.perf_counter(), 0
-        while n < 2 or time.perf_counter() - t0 < min_time / 3:
+        t0, n = clock(), 0
+        while n < 2 or clock() - t0 < min_time / 3:
             step()
             n += 1
-        reps[name] = max(2, int(min_time / ((time.perf_counter() - t0) / n)))
+        reps[name] = max(2, int(min_time / ((clock() - t0) / n)))
     samples = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(reps[name]):
                 step()
-            samples[name].append((time.perf_counter() - t0) / reps[name] * 1e3)
+            samples[name].append((clock() - t0) / reps[name] * 1e3)
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
-def bench_flows(grid, use_compile: bool, rounds: int):
+def bench_flows(grid, use_compile: bool, rounds: int) -> dict:
+    """Prints one line per configuration; returns ``{(kind, K, B, D): ms dict}``."""
+    results = {}
     print(f"\n== reverse-KL step, ms/step (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     header = f"{'flow':7s} {'K':>3s} {'B':>5s} {'D':>3s} {'pyro':>8s} {'eager':>8s} {'x eager':>8s}"
     if use_compile:
@@ -110,6 +124,7 @@ def bench_flows(grid, use_compile: bool, rounds: int):
                 steps["compiled"]()
                 warm = time.perf_counter() - t0
             ms = time_interleaved(steps, rounds=rounds)
+            results[kind, K, B, D] = ms
             line = (
                 f"{kind:7s} {K:3d} {B:5d} {D:3d} {ms['pyro']:8.3f} {ms['eager']:8.3f} "
                 f"{ms['pyro'] / ms['eager']:7.1f}x"
@@ -117,6 +132,7 @@ def bench_flows(grid, use_compile: bool, rounds: int):
             if use_compile:
                 line += f" {ms['compiled']:9.3f} {ms['pyro'] / ms['compiled']:6.1f}x {warm:8.1f}"
             print(line, flush=True)
+    return results
 
 
 def bench_stack_vs_single(rounds: int):
@@ -153,7 +169,11 @@ def svi_step(guide):
     return svi.step
 
 
-def bench_svi(use_compile: bool, rounds: int):
+DEFAULTS = "ours AutoPlanarFlow(32)"  # the guide's defaults: STL on, full rank
+
+
+def bench_svi(use_compile: bool, rounds: int) -> dict:
+    """Prints ms/step of each guide; returns the ms dict."""
     from pyro_nfvi.guides import AutoPlanarFlow
 
     print("\n== SVI step on a 2-D model, ms/step")
@@ -164,7 +184,8 @@ def bench_svi(use_compile: bool, rounds: int):
     steps["pyro AutoNormalizingFlow(32 planar)"] = svi_step(
         PyroAutoNormalizingFlow(svi_model, partial(T.iterated, 32, T.planar))
     )
-    steps["ours AutoPlanarFlow(32)"] = svi_step(AutoPlanarFlow(svi_model, num_flows=32))
+    steps[DEFAULTS] = svi_step(AutoPlanarFlow(svi_model, num_flows=32))
+    steps["ours AutoPlanarFlow(32, stl=False)"] = svi_step(AutoPlanarFlow(svi_model, num_flows=32, stl=False))
     if use_compile:
         torch._dynamo.reset()
         steps["ours AutoPlanarFlow(32, compile)"] = svi_step(
@@ -177,6 +198,22 @@ def bench_svi(use_compile: bool, rounds: int):
             f"{name:36s} {v:8.3f} ms   pyro-flow/this {ref / v:5.1f}x   "
             f"this/AutoNormal {v / ms['AutoNormal']:4.2f}x"
         )
+    return ms
+
+
+def print_targets(flows: dict, svi: dict) -> None:
+    """The ratios issue 19 sets targets for, all from this run (one process)."""
+    print("\n== targets (issue 19): ratios from this run, one process")
+    if svi:
+        pyro_flow, normal = svi["pyro AutoNormalizingFlow(32 planar)"], svi["AutoNormal"]
+        r = pyro_flow / svi[DEFAULTS]
+        print(f"SVI step, 2-D model, AutoPlanarFlow(32) defaults (STL on): pyro AutoNormalizingFlow(32 planar) / ours = {r:5.1f}x  (target >= 10x)")
+        r = svi[DEFAULTS] / normal
+        print(f"SVI step, 2-D model, AutoPlanarFlow(32) defaults (STL on): ours / AutoNormal = {r:5.2f}x  (target <= 1.5x)")
+    ms = flows.get(("planar", 32, 256, 2))
+    if ms:
+        r = ms["pyro"] / ms["eager"]
+        print(f"reverse-KL step, planar_flow(2, 32), B = 256: pyro / ours = {r:5.1f}x  (target >= 15x)")
 
 
 def bench_svi_regression(rounds: int):
@@ -264,22 +301,33 @@ def main(argv=None) -> int:
         "only adds OpenMP wake-ups, which stall badly when another process holds a core)",
     )
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or this thread's CPU time (less affected by a loaded machine)",
+    )
     p.add_argument("--skip-svi", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
+    print(f"clock: {args.clock}")
     warnings.filterwarnings("ignore", category=UserWarning)
     if args.quick:
         grid = [(32, 256, 2)]
     else:
         grid = [(K, B, D) for D in (2, 50) for B in (256, 4096) for K in (2, 8, 32)]
-    bench_flows(grid, not args.no_compile, args.rounds)
+    flows = bench_flows(grid, not args.no_compile, args.rounds)
     if not args.quick:
         bench_stack_vs_single(args.rounds)
+    svi = {}
     if not args.skip_svi:
-        bench_svi(not args.no_compile, args.rounds)
+        svi = bench_svi(not args.no_compile, args.rounds)
         if not args.quick:
             bench_svi_regression(args.rounds)
             bench_svi_large_d(args.rounds)
+    print_targets(flows, svi)
     return 0
 
 

@@ -287,6 +287,8 @@ class LearnableStack:
     theta_layout: Tuple[Any, ...] = ()
     #: ``(x, theta) -> (y, ladj)``
     packed_fn: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+    #: ``(x, score, theta) -> (y, score_y)``: the score pushed through the stack
+    packed_push: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
 
     def __init__(self, input_dim: int, num_flows: int, compile: bool = False):
         input_dim = check_input_dim(input_dim)
@@ -302,6 +304,12 @@ class LearnableStack:
         """Return ``(y, log|det dy/dx|)`` in one pass (compiled if ``compile=True``)."""
         x = check_event(x, self.input_dim, dtype=self.theta.dtype)
         return run_compiled(self, type(self).packed_fn, x, self.theta)
+
+    def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, without an
+        inverse and without an autograd graph (sticking-the-landing gradients): one fused
+        pass where :func:`~pyro_nfvi.transforms._fused.stack_route` picks a kernel."""
+        return type(self).packed_push(x, score, self.theta)
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"

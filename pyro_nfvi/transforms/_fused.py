@@ -14,8 +14,9 @@ against the plain autograd loop (``gradcheck`` included) in the tests.
 
 Which route a stack takes is decided in one place, :func:`stack_route` (see its table).
 Only unbatched parameters (``(K, D)``, a learnable stack) take a kernel; the conditional
-(batched-parameter) case and ``torch.compile`` use the plain autograd loop of
-:mod:`.planar` / :mod:`.radial`. Every kernel route is compared with that loop (values,
+(batched-parameter) case and ``torch.compile`` use the plain autograd loops of
+:mod:`._math`. This module needs nothing from the layer modules (:mod:`.planar`,
+:mod:`.radial` import it, not the reverse). Every kernel route is compared with that loop (values,
 gradients, ``gradcheck``) in ``tests/test_transforms.py::test_every_kernel_route_matches_autograd``,
 which enumerates :data:`KERNEL_ROUTES`: a hand edit of :mod:`._math` that the backward
 does not follow fails there.
@@ -23,14 +24,26 @@ does not follow fails there.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Callable, Dict, Tuple
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
 
 from .._compat import compile_unavailable_errors, functorch_transforms_active
-from ._math import maximum, planar_det, planar_u_hat_parts, radial_ab, radial_log_det, softplus_grad
+from ._math import (
+    maximum,
+    planar_det,
+    planar_stack_loop,
+    planar_u_hat_parts,
+    radial_ab,
+    radial_log_det,
+    radial_stack_loop,
+    softplus_grad,
+    split_planar_theta,
+    split_radial_theta,
+)
 
 # Test hook: False sends CPU float32/float64 stacks down the torch kernel too (the tests
 # compare both kernels on one machine). Read only by :func:`stack_route`.
@@ -276,6 +289,92 @@ def _radial_backward(xp, x, th, saved, gy, gl):
     return _as_contiguous(xp, gt.T), g_th
 
 
+# ------------------------------------------------------------------ score push (STL)
+# ``(x, s_x) -> (y, s_y)`` with ``s = ∇ log density``, pushed forward through the K
+# layers without an inverse: what sticking-the-landing needs. The per-layer formulas are
+# those of :func:`.planar.planar_push_score` / :func:`.radial.radial_push_score` (the
+# plain loop, the reference), rearranged so that a layer costs a few small ops.
+
+
+def _planar_score_recurrence(xp, alpha, beta, us, m):
+    """``c_k = α_k + β_k (us_k - Σ_{j<k} m_jk c_j)`` for ``(K, N)`` arrays and ``m (K, K)``."""
+    K = alpha.shape[0]
+    c = xp.zeros_like(alpha)
+    mt = m.T
+    for k in range(K):
+        c[k] = alpha[k] + beta[k] * (us[k] - mt[k, :k] @ c[:k])
+    return c
+
+
+def _planar_push(xp, x, th, score):
+    """Planar layers: ``J_k^{-T} = I - h'_k w_k û_kᵀ / det_k`` (Sherman–Morrison), so each
+    layer subtracts ``c_k w_k`` from the score, with
+    ``c_k = (h''_k k_k + h'_k (û_k·s_k - h''_k k_k²/det_k)) / det_k`` (``k_k = w_k·û_k``).
+    Since ``û_k·s_k = û_k·s_0 - Σ_{j<k} c_j û_k·w_j``, the ``c_k`` follow a scalar
+    recurrence through the same ``(K, K)`` matrix ``m`` as the forward pass, and
+    ``s_y = s_0 - Σ_k c_k w_k`` is one product: nothing of size ``D`` per layer."""
+    D = x.shape[1]
+    u, w, b = th[:, :D], th[:, D : 2 * D], th[:, 2 * D]
+    u_hat, q, _ = planar_u_hat_parts(u, w, xp)
+    m = _mm(xp, w, u_hat.T)  # m_kj = w_k·û_j
+    t = _planar_recurrence(xp, _mm(xp, w, x.T) + b[:, None], m)  # (K, N)
+    y = x + _mm(xp, t.T, u_hat)
+    det = planar_det(t, q, xp)
+    h1 = 1 - t * t
+    kq = q - 1
+    h2k = -2 * t * h1 * kq  # h''(a) k
+    beta = h1 / det
+    alpha = (h2k - beta * h2k * kq) / det
+    c = _planar_score_recurrence(xp, alpha, beta, _mm(xp, u_hat, score.T), m)
+    return y, score - _mm(xp, c.T, w)
+
+
+def _radial_push(xp, x, th, score):
+    """Radial layers: ``J = c I + e n nᵀ`` (``n = d/r``) is symmetric, so
+    ``s' = J^{-1}(s - L'(r) n) = s/c + n ((n·s - L')(1/(c+e) - 1/c) - L'/c)``, with
+    ``1/c = (α+r)/(s+r)``, ``1/(c+e) = (α+r)²/(αs + 2αr + r²)`` and
+    ``L' = (D-1)(1/(s+r) - 1/(α+r)) + 2(α+r)/(αs + 2αr + r²) - 2/(α+r)``: per layer
+    one more dot product and one more update of a ``(D, N)`` array than the forward."""
+    D, K = x.shape[1], th.shape[0]
+    x0 = th[:, :D, None]  # (K, D, 1)
+    alpha, beta, s = radial_ab(th[:, D], th[:, D + 1], xp)
+    xt, st = _feature_major(xp, x), _feature_major(xp, score)  # (D, N), updated in place
+    d = xp.empty_like(xt)  # the layout of xt
+    tiny = xp.finfo(xt.dtype).tiny
+    for k in range(K):
+        xp.subtract(xt, x0[k], out=d)
+        r = xp.sqrt(_dot0(xp, d, d))
+        ak, sk = alpha[k], s[k]
+        a, sr, quad = ak + r, sk + r, ak * sk + r * (2 * ak + r)
+        inv_a = 1 / a
+        dlog = (D - 1) * (1 / sr - inv_a) + 2 * a / quad - 2 * inv_a
+        inv_c, inv_ce = a / sr, a * a / quad
+        inv_r = 1 / maximum(xp, r, tiny)
+        ns = _dot0(xp, d, st) * inv_r
+        # r = 0 means d = 0: no n term (the plain loop's n = d / max(r, tiny) = 0)
+        coef = xp.where(r > 0, inv_r * ((ns - dlog) * (inv_ce - inv_c) - inv_c * dlog), 0.0)
+        st *= inv_c
+        st += d * coef
+        xt += d * (beta[k] * inv_a)
+    return _as_contiguous(xp, xt.T), _as_contiguous(xp, st.T)
+
+
+def _push(kernel, x, score, theta, route):
+    """``(y, score_y)`` of a push kernel on ``x``, ``score`` of any (common) batch shape."""
+    x, score = torch.broadcast_tensors(x, score)
+    shape = tuple(x.shape)
+    xp, (xa, sa, tha) = _namespace(route, x, score, theta)
+    xa, sa = xa.reshape(-1, shape[-1]), sa.reshape(-1, shape[-1])
+    with np.errstate(all="ignore"):
+        y, sy = kernel(xp, xa, tha, sa)
+        if xp is np and xa.dtype == np.float32 and not (np.isfinite(y).all() and np.isfinite(sy).all()):
+            # float32 squares overflow (radial r = inf): rerun in float64, as the forward does
+            y, sy = kernel(xp, xa.astype(np.float64), tha.astype(np.float64), sa.astype(np.float64))
+            y, sy = y.astype(np.float32), sy.astype(np.float32)
+    y, sy = _to_torch(xp, y, sy)
+    return y.reshape(shape), sy.reshape(shape)
+
+
 class _FusedStack(torch.autograd.Function):
     """``(x (..., D), theta (K, P)) -> (y (..., D), ladj (...))`` through the ``forward`` /
     ``backward`` kernels given. Batch dims are flattened inside (no autograd view nodes).
@@ -322,31 +421,32 @@ class _FusedStack(torch.autograd.Function):
         return g_x, g_th, None, None
 
 
-# > 0 while a backward recomputes a stack with the plain loop (stack_route then says "plain")
+# Test hooks: > 0 makes stack_route say "plain" (the reference loop); see forced_route
 _PLAIN_DEPTH = 0
+_FORCED: Optional[str] = None
 
 
 def _plain_backward(ctx, x, theta, gy, gl):
     """Vector-Jacobian product of the plain autograd loop, with its graph kept."""
-    global _PLAIN_DEPTH
-    if ctx.kernels is _PLANAR:
-        from .planar import stacked_planar_packed as plain
-    else:
-        from .radial import stacked_radial_packed as plain
     wanted = [t for t, need in zip((x, theta), ctx.needs_input_grad[:2]) if need]
-    _PLAIN_DEPTH += 1
-    try:
-        y, ladj = plain(x, theta)
-    finally:
-        _PLAIN_DEPTH -= 1
+    y, ladj = ctx.kernels[2](x, theta)
     grads = iter(torch.autograd.grad((y, ladj), wanted, (gy, gl), create_graph=True, allow_unused=True))
     g_x = next(grads) if ctx.needs_input_grad[0] else None
     g_th = next(grads) if ctx.needs_input_grad[1] else None
     return g_x, g_th, None, None
 
 
-_PLANAR = (_planar_forward, _planar_backward)
-_RADIAL = (_radial_forward, _radial_backward)
+def _planar_plain(x, theta):
+    return planar_stack_loop(x, *split_planar_theta(theta, x.shape[-1]))
+
+
+def _radial_plain(x, theta):
+    return radial_stack_loop(x, *split_radial_theta(theta, x.shape[-1]))
+
+
+# (forward kernel, backward kernel, plain autograd loop on packed parameters)
+_PLANAR = (_planar_forward, _planar_backward, _planar_plain)
+_RADIAL = (_radial_forward, _radial_backward, _radial_plain)
 
 
 def stack_route(x: torch.Tensor, *params: torch.Tensor) -> str:
@@ -359,7 +459,7 @@ def stack_route(x: torch.Tensor, *params: torch.Tensor) -> str:
                       layer (the plain ops are as cheap), ``x`` of another dtype,
                       tracing / ``torch.compile`` / a ``torch.func`` transform or
                       forward-mode AD (the kernels have no batching rule or jvp),
-                      or inside the differentiable recompute of a double backward
+                      or forced by :func:`forced_route` (a test hook)
     ``"fused-numpy"`` otherwise, CPU float32/float64: the kernels on zero-copy NumPy
                       views (a NumPy call costs ~0.5-1 µs, a torch op ~3 µs)
     ``"fused-torch"`` otherwise (CUDA, MPS, half precision): the same kernels in torch
@@ -376,11 +476,26 @@ def stack_route(x: torch.Tensor, *params: torch.Tensor) -> str:
         return PLAIN
     if torch.jit.is_tracing() or torch.compiler.is_compiling() or functorch_transforms_active():
         return PLAIN
-    if _PLAIN_DEPTH:  # recomputing for a double backward
+    if _PLAIN_DEPTH or _FORCED == PLAIN:
         return PLAIN
     if x.dim() < 1 or x.dtype != params[0].dtype:
         return PLAIN
-    return _kernel_for(x)
+    return _FORCED or _kernel_for(x)
+
+
+@contextlib.contextmanager
+def forced_route(route: str) -> Iterator[None]:
+    """Test hook: inside the block :func:`stack_route` answers ``route`` wherever a
+    kernel could run (``"plain"``: everywhere), so one test can run the same stack down
+    every route on one machine."""
+    global _FORCED
+    if route not in (PLAIN,) + KERNEL_ROUTES:
+        raise ValueError(f"route must be one of {(PLAIN,) + KERNEL_ROUTES}, got {route!r}")
+    previous, _FORCED = _FORCED, route
+    try:
+        yield
+    finally:
+        _FORCED = previous
 
 
 def _kernel_for(x: torch.Tensor) -> str:
@@ -414,6 +529,20 @@ def radial_stack_kernel(x, theta, route=None) -> Tuple[torch.Tensor, torch.Tenso
     ``theta = [x0 | alpha' | beta']`` of shape ``(K, D+2)``; ``x`` of any batch shape.
     ``route``: one of :data:`KERNEL_ROUTES` (default: :func:`stack_route`'s choice)."""
     return _FusedStack.apply(x, theta, _RADIAL, _kernel_route(x, theta, route))
+
+
+def planar_push_kernel(x, score, theta, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, ∇_y log p_Y)`` of K planar layers (packed ``theta = [u | w | b]``) from ``x``
+    and ``score = ∇_x log p_X(x)``, in one pass without an inverse (no autograd graph).
+    ``route``: one of :data:`KERNEL_ROUTES` (default: :func:`stack_route`'s choice)."""
+    with torch.no_grad():
+        return _push(_planar_push, x, score, theta, _kernel_route(x, theta, route))
+
+
+def radial_push_kernel(x, score, theta, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`planar_push_kernel` for radial layers (``theta = [x0 | alpha' | beta']``)."""
+    with torch.no_grad():
+        return _push(_radial_push, x, score, theta, _kernel_route(x, theta, route))
 
 
 

@@ -112,3 +112,47 @@ def radial_log_det(r, alpha, s, input_dim: int, xp=torch):
     if input_dim > 1:
         ld = ld + (input_dim - 1) * (xp.log(maximum(xp, s + r, tiny)) - xp.log(a))
     return ld
+
+
+# The plain autograd loops of K stacked layers (parameters stacked along dim -2, with any
+# batch dims): the reference every kernel route is checked against, the route of
+# batched (conditioned) parameters, and the differentiable recompute of a double backward.
+# They live here, not in the layer modules, so that the kernels of :mod:`._fused` need
+# nothing from :mod:`.planar` / :mod:`.radial` (no import cycle).
+
+
+def planar_stack_loop(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log|det J|)`` of K planar layers ``(bias (..., K, 1), u, w (..., K, D))``,
+    one layer at a time, the log-dets of all layers in one op from the activations."""
+    u_hat, q = planar_u_hat(u, w)
+    ts = []
+    for k in range(w.shape[-2]):
+        t = torch.tanh((x * w[..., k, :]).sum(-1, keepdim=True) + bias[..., k, :])
+        x = x + u_hat[..., k, :] * t
+        ts.append(t)
+    t = torch.cat(ts, dim=-1)
+    return x, planar_log_det(t, q.squeeze(-1)).sum(-1)
+
+
+def radial_stack_loop(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log|det J|)`` of K radial layers ``(x0 (..., K, D), α', β' (..., K, 1))``,
+    one layer at a time, the log-dets of all layers in one op from the radii."""
+    alpha, beta, s = radial_ab(alpha_prime, beta_prime)
+    rs = []
+    for k in range(x0.shape[-2]):
+        diff = x - x0[..., k, :]
+        r = radial_norm(diff)
+        x = x + (beta[..., k, :] / (alpha[..., k, :] + r)) * diff
+        rs.append(r)
+    r = torch.cat(rs, dim=-1)
+    return x, radial_log_det(r, alpha.squeeze(-1), s.squeeze(-1), x0.shape[-1]).sum(-1)
+
+
+def split_planar_theta(theta, D: int):
+    """``(bias, u, w)`` from packed ``theta = [u | w | b]`` (``(..., K, 2D+1)``)."""
+    return theta[..., 2 * D :], theta[..., :D], theta[..., D : 2 * D]
+
+
+def split_radial_theta(theta, D: int):
+    """``(x0, α', β')`` from packed ``theta = [x0 | α' | β']`` (``(..., K, D+2)``)."""
+    return theta[..., :D], theta[..., D : D + 1], theta[..., D + 1 :]

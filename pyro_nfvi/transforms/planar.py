@@ -33,8 +33,8 @@ import torch
 import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
-from ._fused import PLAIN, planar_stack_kernel, stack_route
-from ._math import planar_log_det, planar_u_hat
+from ._fused import PLAIN, planar_push_kernel, planar_stack_kernel, stack_route
+from ._math import planar_log_det, planar_stack_loop, planar_u_hat, split_planar_theta
 from ._base import (
     ConditionalFlow,
     ConditionalStackedFlow,
@@ -321,14 +321,7 @@ def stacked_planar(x, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
     route = stack_route(x, u, w, bias)
     if route != PLAIN:
         return planar_stack_kernel(x, torch.cat([u, w, bias], -1), route)
-    u_hat, q = planar_u_hat(u, w)
-    ts = []
-    for k in range(w.shape[-2]):
-        t = torch.tanh((x * w[..., k, :]).sum(-1, keepdim=True) + bias[..., k, :])
-        x = x + u_hat[..., k, :] * t
-        ts.append(t)
-    t = torch.cat(ts, dim=-1)
-    return x, planar_log_det(t, q.squeeze(-1)).sum(-1)
+    return planar_stack_loop(x, bias, u, w)
 
 
 def stacked_planar_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -340,7 +333,34 @@ def stacked_planar_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     if theta.shape[-2] == 1:  # one layer: as cheap as the single-layer class
         u, w, bias = theta.squeeze(-2).split([D, D, 1], -1)
         return planar_call(x, bias, u, w)
-    return stacked_planar(x, theta[..., 2 * D :], theta[..., :D], theta[..., D : 2 * D])
+    return planar_stack_loop(x, *split_planar_theta(theta, D))
+
+
+def push_score_stacked_planar(x, score, bias, u, w) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, ∇_y log p_Y(y))`` of K stacked planar layers from ``x`` and
+    ``score = ∇_x log p_X(x)``, no inverse, no autograd graph. Where
+    :func:`._fused.stack_route` picks a kernel, one fused pass
+    (:func:`._fused.planar_push_kernel`); otherwise the reference: :func:`planar_push_score`
+    layer by layer."""
+    with torch.no_grad():
+        route = stack_route(x, u, w, bias)
+        if route != PLAIN:
+            return planar_push_kernel(x, score, torch.cat([u, w, bias], -1), route)
+        u_hat, q = planar_u_hat(u, w)
+        for k in range(w.shape[-2]):
+            x, score = planar_push_score(
+                x, score, bias[..., k, :], u_hat[..., k, :], w[..., k, :], q[..., k, :]
+            )
+        return x, score
+
+
+def push_score_planar_packed(x, score, theta) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`push_score_stacked_planar` with parameters packed as ``theta = [u | w | b]``."""
+    with torch.no_grad():
+        route = stack_route(x, theta)
+        if route != PLAIN:
+            return planar_push_kernel(x, score, theta, route)
+        return push_score_stacked_planar(x, score, *split_planar_theta(theta, x.shape[-1]))
 
 
 class ConditionedStackedPlanar(ConditionedFlow):
@@ -370,14 +390,10 @@ class ConditionedStackedPlanar(ConditionedFlow):
 
     @torch.no_grad()
     def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, layer by
-        layer without an inverse (see :func:`planar_push_score`)."""
-        bias, u_hat, w, q = self._planar_params()
-        for k in range(w.shape[-2]):
-            x, score = planar_push_score(
-                x, score, bias[..., k, :], u_hat[..., k, :], w[..., k, :], q[..., k, :]
-            )
-        return x, score
+        """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, without an
+        inverse (see :func:`push_score_stacked_planar`)."""
+        bias, u, w = _unpack_stacked_planar(self._params)
+        return push_score_stacked_planar(x, score, bias, u, w)
 
 
 class StackedPlanar(LearnableStack, ConditionedStackedPlanar, TransformModule):
@@ -415,6 +431,7 @@ class StackedPlanar(LearnableStack, ConditionedStackedPlanar, TransformModule):
 
     theta_layout = ("D", "D", 1)  # [u | w | b]: (K, 2D+1)
     packed_fn = staticmethod(stacked_planar_packed)
+    packed_push = staticmethod(push_score_planar_packed)
 
     @property
     def u(self) -> torch.Tensor:

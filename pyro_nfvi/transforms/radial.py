@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
-from ._fused import PLAIN, radial_stack_kernel, stack_route
-from ._math import radial_ab, radial_log_det, radial_norm
+from ._fused import PLAIN, radial_push_kernel, radial_stack_kernel, stack_route
+from ._math import radial_ab, radial_log_det, radial_norm, radial_stack_loop, split_radial_theta
 from ._base import (
     ConditionalFlow,
     ConditionalStackedFlow,
@@ -262,15 +262,7 @@ def stacked_radial(x, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.
     route = stack_route(x, x0, alpha_prime, beta_prime)
     if route != PLAIN:
         return radial_stack_kernel(x, torch.cat([x0, alpha_prime, beta_prime], -1), route)
-    alpha, beta, s = radial_ab(alpha_prime, beta_prime)
-    rs = []
-    for k in range(x0.shape[-2]):
-        diff = x - x0[..., k, :]
-        r = radial_norm(diff)
-        x = x + (beta[..., k, :] / (alpha[..., k, :] + r)) * diff
-        rs.append(r)
-    r = torch.cat(rs, dim=-1)
-    return x, radial_log_det(r, alpha.squeeze(-1), s.squeeze(-1), x0.shape[-1]).sum(-1)
+    return radial_stack_loop(x, x0, alpha_prime, beta_prime)
 
 
 def stacked_radial_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -282,7 +274,32 @@ def stacked_radial_packed(x, theta) -> Tuple[torch.Tensor, torch.Tensor]:
     if theta.shape[-2] == 1:  # one layer: as cheap as the single-layer class
         x0, alpha_prime, beta_prime = theta.squeeze(-2).split([D, 1, 1], -1)
         return radial_call(x, x0, alpha_prime, beta_prime)
-    return stacked_radial(x, theta[..., :D], theta[..., D : D + 1], theta[..., D + 1 :])
+    return radial_stack_loop(x, *split_radial_theta(theta, D))
+
+
+def push_score_stacked_radial(x, score, x0, alpha_prime, beta_prime) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, ∇_y log p_Y(y))`` of K stacked radial layers from ``x`` and
+    ``score = ∇_x log p_X(x)``, no inverse, no autograd graph. Where
+    :func:`._fused.stack_route` picks a kernel, one fused pass
+    (:func:`._fused.radial_push_kernel`); otherwise the reference: :func:`radial_push_score`
+    layer by layer."""
+    with torch.no_grad():
+        route = stack_route(x, x0, alpha_prime, beta_prime)
+        if route != PLAIN:
+            return radial_push_kernel(x, score, torch.cat([x0, alpha_prime, beta_prime], -1), route)
+        alpha, _, s = radial_ab(alpha_prime, beta_prime)
+        for k in range(x0.shape[-2]):
+            x, score = radial_push_score(x, score, x0[..., k, :], alpha[..., k, :], s[..., k, :])
+        return x, score
+
+
+def push_score_radial_packed(x, score, theta) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`push_score_stacked_radial` with parameters packed as ``theta = [x0 | α' | β']``."""
+    with torch.no_grad():
+        route = stack_route(x, theta)
+        if route != PLAIN:
+            return radial_push_kernel(x, score, theta, route)
+        return push_score_stacked_radial(x, score, *split_radial_theta(theta, x.shape[-1]))
 
 
 class ConditionedStackedRadial(ConditionedFlow):
@@ -310,13 +327,10 @@ class ConditionedStackedRadial(ConditionedFlow):
 
     @torch.no_grad()
     def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, layer by
-        layer without an inverse (see :func:`radial_push_score`)."""
+        """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, without an
+        inverse (see :func:`push_score_stacked_radial`)."""
         x0, alpha_prime, beta_prime = _unpack_stacked_radial(self._params)
-        alpha, _, s = radial_ab(alpha_prime, beta_prime)
-        for k in range(x0.shape[-2]):
-            x, score = radial_push_score(x, score, x0[..., k, :], alpha[..., k, :], s[..., k, :])
-        return x, score
+        return push_score_stacked_radial(x, score, x0, alpha_prime, beta_prime)
 
 
 class StackedRadial(LearnableStack, ConditionedStackedRadial, TransformModule):
@@ -345,6 +359,7 @@ class StackedRadial(LearnableStack, ConditionedStackedRadial, TransformModule):
 
     theta_layout = ("D", 1, 1)  # [x0 | alpha' | beta']: (K, D+2)
     packed_fn = staticmethod(stacked_radial_packed)
+    packed_push = staticmethod(push_score_radial_packed)
 
     @property
     def x0(self) -> torch.Tensor:
