@@ -200,6 +200,7 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
     ) -> None:
         _check_options(init_transform_fn, init_scale, centered)
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self._init_loc_fn = init_loc_fn  # to wrap a model re-attached after loading
         self._init_transform_fn = init_transform_fn
         self._init_scale = None if init_scale is None else float(init_scale)
         self._full_rank_option = None if full_rank is None else bool(full_rank)
