@@ -112,8 +112,9 @@ class AutoSylvesterFlow(AutoNormalizingFlow):
 
     :param callable model: a Pyro model.
     :param int num_flows: number of Sylvester layers (>= 1). Default 16.
-    :param bottleneck: ``M`` (default: the latent dimension; capped at it for
-        ``kind="orthogonal"``, so ``bottleneck=8`` works for any model).
+    :param bottleneck: ``M`` (default: the latent dimension ``D``). ``M <= D`` for
+        ``kind="orthogonal"``, ``M = D`` for the other kinds; checked on the first call,
+        where ``D`` is known (a ``ValueError`` naming both).
     :param str kind: ``"orthogonal"`` (default), ``"householder"`` or ``"triangular"``.
     :param num_householder: reflections for ``kind="householder"``.
     :param kwargs: keyword arguments of :class:`AutoNormalizingFlow`.
@@ -143,8 +144,18 @@ class AutoSylvesterFlow(AutoNormalizingFlow):
 
     @staticmethod
     def _stack(num_flows, bottleneck, kind, num_householder, latent_dim: int) -> Transform:
-        if kind == "orthogonal" and bottleneck is not None:
-            bottleneck = min(bottleneck, latent_dim)
+        # checked here, at setup, where the latent dimension is first known
+        if bottleneck is not None and kind == "orthogonal" and bottleneck > latent_dim:
+            raise ValueError(
+                f"AutoSylvesterFlow: bottleneck={bottleneck} exceeds the model's latent "
+                f"dimension {latent_dim}; use bottleneck <= {latent_dim} (or None: the latent "
+                "dimension)"
+            )
+        if bottleneck is not None and kind != "orthogonal" and bottleneck != latent_dim:
+            raise ValueError(
+                f"AutoSylvesterFlow: kind={kind!r} needs bottleneck equal to the model's latent "
+                f"dimension {latent_dim} (or None), got bottleneck={bottleneck}"
+            )
         flow = sylvester_flow(
             latent_dim, num_flows, bottleneck=bottleneck, kind=kind, num_householder=num_householder
         )

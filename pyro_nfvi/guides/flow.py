@@ -291,6 +291,11 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         else:
             self._check_args(args, kwargs)
         latent = self.sample_latent(*args, **kwargs)  # z ~ q: get_posterior().rsample()
+        return self._emit_sites(latent, args, kwargs)
+
+    def _emit_sites(self, latent: torch.Tensor, args, kwargs) -> Dict[str, torch.Tensor]:
+        """Split the packed latent ``z`` per site, place the sites and emit each as a
+        ``Delta`` inside its plates."""
         plates = self._create_plates(*args, **kwargs)
         xs = {site["name"]: x for site, x in self._unpack_latent(latent)}
         # the centredness is read here, outside the blocked model run, so that its
