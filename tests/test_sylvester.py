@@ -521,7 +521,7 @@ def test_auto_sylvester_flow_starts_at_the_affine_base_and_fits():
 
     pyro.clear_param_store()
     torch.manual_seed(0)
-    guide = AutoSylvesterFlow(model, num_flows=4, bottleneck=8)  # capped at D = 3
+    guide = AutoSylvesterFlow(model, num_flows=4, bottleneck=3)  # M = D
     guide()
     stacks = [m for m in guide.modules() if isinstance(m, StackedSylvester)]
     assert len(stacks) == 1 and stacks[0].bottleneck == 3 and stacks[0].num_flows == 4

@@ -240,12 +240,15 @@ class ConditionalFlow(ConditionalTransformModule):
     def _conditioned(self, params: Callable[[], Any]) -> Transform:
         raise NotImplementedError
 
-    def _params(self, context: torch.Tensor):
+    def _context_params(self, context: torch.Tensor):
+        """The layer parameters for ``context`` (one hypernetwork call). Named apart from
+        the ``Conditioned*`` flows' ``_params`` (the parameters themselves, or a callable
+        returning them) so that one name never means both a method and data."""
         return self.nn(context)
 
     def condition(self, context: torch.Tensor) -> Transform:
         check_context(context, self.context_dim)
-        return self._conditioned(partial(self._params, context))
+        return self._conditioned(partial(self._context_params, context))
 
 
 class ConditionalStackedFlow(ConditionalFlow):
@@ -260,7 +263,7 @@ class ConditionalStackedFlow(ConditionalFlow):
         super().__init__(nn)
         self.input_dim = check_input_dim(input_dim)
 
-    def _params(self, context: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    def _context_params(self, context: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """The hypernetwork's outputs split per layer: last dim ``K*s`` -> ``(K, s)``."""
         outs = tuple(self.nn(context))
         D = self.input_dim

@@ -503,7 +503,7 @@ class ConditionalSylvester(_ConditionalSylvesterBase):
             raise ValueError("reverse applies to kind='triangular' only")
         self.reverse = bool(reverse)
 
-    def _params(self, context: torch.Tensor) -> Params:
+    def _context_params(self, context: torch.Tensor) -> Params:
         return self._unpacked(context, stacked=False)
 
     def _conditioned(self, params) -> ConditionedSylvester:
@@ -673,7 +673,7 @@ class ConditionalStackedSylvester(_ConditionalSylvesterBase):
         K = check_input_dim(num_flows, "num_flows")
         super().__init__(nn, input_dim, bottleneck, kind, num_householder, num_flows=K)
 
-    def _params(self, context: torch.Tensor) -> Params:
+    def _context_params(self, context: torch.Tensor) -> Params:
         return self._unpacked(context, stacked=True)
 
     def _conditioned(self, params) -> ConditionedStackedSylvester:

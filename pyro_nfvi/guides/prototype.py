@@ -1,0 +1,90 @@
+"""What the guide learns from tracing the model once: which sites it covers, their
+unconstrained shapes and plates, and the checks that the model still matches later."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Tuple
+
+import torch
+from torch.distributions import biject_to
+
+import pyro.poutine as poutine
+from pyro.infer.autoguide.guides import prototype_hide_fn
+from pyro.infer.autoguide.utils import helpful_support_errors
+
+
+def _hide_from_prototype(msg) -> bool:
+    # Like Pyro's prototype_hide_fn, but also hide discrete sites that the user
+    # has configured for enumeration: TraceEnum_ELBO marginalises them out.
+    if prototype_hide_fn(msg):
+        return True
+    if msg["type"] == "sample" and msg["infer"].get("enumerate"):
+        support = getattr(msg["fn"], "support", None)
+        return bool(getattr(support, "is_discrete", False))
+    return False
+
+
+def _arg_shapes(args, kwargs) -> tuple:
+    """What of the model's arguments can change the latent shapes: tensor shapes and ints."""
+    def key(a):
+        if torch.is_tensor(a):
+            return tuple(a.shape)
+        if isinstance(a, int) and not isinstance(a, bool):
+            return a
+        return None
+    return tuple(map(key, args)), tuple(sorted((k, key(v)) for k, v in kwargs.items()))
+
+
+def latent_layout(prototype_trace, guide_name: str
+                  ) -> Tuple[Dict[str, torch.Size], Dict[str, tuple]]:
+    """``(shapes, stacks)``: each latent site's unconstrained shape and plate stack, in
+    model order. Raises a ``ValueError`` for what a flow guide over the whole latent space
+    cannot learn: discrete sites, local sites of a subsampled plate, no latent at all."""
+    shapes, stacks = {}, {}
+    for site_name, site in prototype_trace.iter_stochastic_nodes():
+        support = site["fn"].support
+        if support.is_discrete:
+            raise ValueError(
+                f"{guide_name} cannot handle the discrete latent site '{site_name}' "
+                f"({type(site['fn']).__name__}). Enumerate it "
+                f"(pyro.sample(..., infer={{'enumerate': 'parallel'}}) with "
+                f"TraceEnum_ELBO) or marginalise it out of the model."
+            )
+        with helpful_support_errors(site):
+            shapes[site_name] = biject_to(support).inv(site["value"]).shape
+        stacks[site_name] = site["cond_indep_stack"]
+        for frame in site["cond_indep_stack"]:
+            if frame.full_size is not None and frame.size < frame.full_size:
+                raise ValueError(
+                    f"{guide_name} cannot learn the local latent site '{site_name}' of the "
+                    f"subsampled plate '{frame.name}' (size {frame.size} of "
+                    f"{frame.full_size}): it would learn one posterior per subsample "
+                    "slot, not per data row. Use pyro_nfvi.amortized.AutoAmortizedFlow "
+                    "(an amortized flow for the plate's local latents), or do not "
+                    "subsample that plate."
+                )
+    if not shapes:
+        raise ValueError(
+            f"{guide_name} found no latent variables in the model (all sample sites "
+            "are observed); use an empty guide instead, e.g. `lambda *a, **k: None`."
+        )
+    return shapes, stacks
+
+
+def check_latent_shapes(model: Callable, hide_fn: Callable, prototype_trace, guide_name: str,
+                        args, kwargs) -> None:
+    """Re-run ``model`` (its random stream forked, the sites ``hide_fn`` hides blocked) and
+    check that every latent site kept the shape it had in ``prototype_trace``."""
+    model = poutine.block(model, hide_fn)
+    with torch.random.fork_rng(devices=[]):  # leave the user's random stream alone
+        trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
+    for name, site in trace.iter_stochastic_nodes():
+        old = prototype_trace.nodes.get(name)
+        if old is None or old["value"].shape != site["value"].shape:
+            before = None if old is None else tuple(old["value"].shape)
+            raise ValueError(
+                f"{guide_name} was set up for the latent site '{name}' with "
+                f"shape {before}, but the model now gives it shape "
+                f"{tuple(site['value'].shape)}: create a new guide for the new data "
+                "(or use pyro_nfvi.amortized.AutoAmortizedFlow for per-datum latents)."
+            )

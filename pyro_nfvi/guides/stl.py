@@ -1,0 +1,60 @@
+"""Sticking the landing: the surrogate ``log q`` whose gradient is the path term only, and
+the push of the score ``∇ log q`` forward through the layers without an inverse."""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+from torch.distributions.transforms import Transform
+
+import pyro.distributions as dist
+from pyro.distributions.transforms import LowerCholeskyAffine
+
+
+@torch.no_grad()
+def _push_score(
+    t: Transform, x: torch.Tensor, score: torch.Tensor
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """``(t(x), ∇ log density)`` pushed through one elementary transform without an
+    inverse solve, or ``None`` where the transform does not say how."""
+    if hasattr(t, "push_score"):  # this package's flows
+        return t.push_score(x, score)
+    if isinstance(t, dist.transforms.AffineTransform) and t.event_dim == 1:
+        return t(x), score / t.scale
+    if isinstance(t, LowerCholeskyAffine):
+        tril = t.scale_tril
+        s = torch.linalg.solve_triangular(tril.mT, score.unsqueeze(-1), upper=True)
+        return t(x), s.squeeze(-1)
+    return None
+
+
+def stl_log_q(
+    parts: Sequence[Transform],
+    eps: torch.Tensor,
+    z: torch.Tensor,
+    log_q: torch.Tensor,
+    log_prob: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    r"""``log q(z)`` with the gradient of sticking the landing (Roeder, Wu & Duvenaud
+    2017): the value is unchanged, but its gradient is only the path term
+    :math:`\nabla_z \log q_{\bar\phi}(z) \cdot \partial z / \partial\phi` — the
+    score-function term, whose expectation is zero, is dropped.
+
+    ``z`` is the elementary transforms ``parts`` applied to the standard normal noise
+    ``eps``. The score :math:`\nabla_z \log q(z)` at the sample is pushed forward from
+    the base noise layer by layer (``push_score``: Sherman–Morrison for planar/radial, no
+    inverse solve); if any part lacks it, the score is computed by autograd through
+    ``log_prob`` (the transforms' inverses)."""
+    x, score = eps.detach(), -eps.detach()  # ∇ log N(ε; 0, I) = -ε
+    for t in parts:
+        pushed = _push_score(t, x, score)
+        if pushed is None:
+            score = None
+            break
+        x, score = pushed
+    if score is None:
+        z_ = z.detach().requires_grad_()
+        with torch.enable_grad():
+            (score,) = torch.autograd.grad(log_prob(z_).sum(), z_)
+    return log_q.detach() + (score * (z - z.detach())).sum(-1)
