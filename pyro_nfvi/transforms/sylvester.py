@@ -101,6 +101,8 @@ import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
 
 from ._base import ConditionalFlow, ConditionedFlow, check_event, check_input_dim
+from ._fused import PLAIN
+from ._fused_sylvester import sylvester_route, sylvester_stack_kernel, sylvester_stack_push_score
 from ._math import planar_det, planar_log_det
 from .planar import planar_solve
 
@@ -240,6 +242,38 @@ def sylvester_push_score(x, score, A, B, b, q, W) -> Tuple[torch.Tensor, torch.T
     N, rhs = N.expand(batch + (M, M)), rhs.unsqueeze(-1).expand(batch + (M, 1))
     w = torch.linalg.solve_triangular(N, rhs, upper=False).squeeze(-1)
     return y, s - _vecmat(hp * w, B)
+
+
+def stacked_sylvester_plain(x: torch.Tensor, params: Params) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log|det J|)`` of K layers by the plain autograd loop (the reference for the
+    fused kernel): ``Q``, ``A = QR`` and ``B = R~Q^T`` of all layers in one batched pass,
+    then two matrix products and a ``tanh`` per layer."""
+    A, B, b, q, _ = sylvester_parts(params, "alternate", with_W=False)
+    ts = []
+    if A.dim() == 3:  # unbatched parameters: each product is one GEMM with its bias
+        D = x.shape[-1]
+        z, At, Bt = x.reshape(-1, D), A.transpose(-1, -2), B.transpose(-1, -2)
+        for k in range(b.shape[-2]):
+            t = torch.tanh(torch.addmm(b[k], z, Bt[k]))
+            z = torch.addmm(z, t, At[k])
+            ts.append(t)
+        ladj = planar_log_det(torch.stack(ts, -2), q).sum((-1, -2))
+        return z.reshape(x.shape), ladj.reshape(x.shape[:-1])
+    for k in range(b.shape[-2]):
+        t = torch.tanh(_matvec(B[..., k, :, :], x) + b[..., k, :])
+        x = x + _matvec(A[..., k, :, :], t)
+        ts.append(t)
+    # log-dets of all layers in one op from the stored activations
+    return x, planar_log_det(torch.stack(ts, -2), q).sum((-1, -2))
+
+
+def stacked_sylvester(x: torch.Tensor, params: Params) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log|det J|)`` of K layers: the fused kernel of :mod:`._fused_sylvester` where
+    :func:`._fused.stack_route` says so (unbatched parameters), else the plain loop."""
+    route = sylvester_route(x, params)
+    if route != PLAIN:
+        return sylvester_stack_kernel(x, params, route)
+    return stacked_sylvester_plain(x, params)
 
 
 def _check_params(params, stacked: bool) -> Params:
@@ -551,27 +585,11 @@ class ConditionedStackedSylvester(ConditionedFlow):
         return _event_dim(params), sylvester_parts(params, "alternate", with_W)
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(y, log|det dy/dx|)`` in one pass."""
-        D, (A, B, b, q, _) = self._parts(with_W=False)
-        x = check_event(x, D)
-        ts = []
-        if A.dim() == 3:  # unbatched parameters: each product is one GEMM with its bias
-            batch_shape = x.shape[:-1]
-            z, At, Bt = x.reshape(-1, D), A.transpose(-1, -2), B.transpose(-1, -2)
-            for k in range(b.shape[-2]):
-                t = torch.tanh(torch.addmm(b[k], z, Bt[k]))
-                z = torch.addmm(z, t, At[k])
-                ts.append(t)
-            t = torch.stack(ts, -2)
-            ladj = planar_log_det(t, q).sum((-1, -2))
-            return z.reshape(x.shape), ladj.reshape(batch_shape)
-        for k in range(b.shape[-2]):
-            t = torch.tanh(_matvec(B[..., k, :, :], x) + b[..., k, :])
-            x = x + _matvec(A[..., k, :, :], t)
-            ts.append(t)
-        # log-dets of all layers in one op from the stored activations
-        t = torch.stack(ts, -2)
-        return x, planar_log_det(t, q).sum((-1, -2))
+        """Return ``(y, log|det dy/dx|)`` in one pass (the fused kernel where
+        :func:`stacked_sylvester` picks it)."""
+        params = _check_params(self._params, stacked=True)
+        x = check_event(x, _event_dim(params))
+        return stacked_sylvester(x, params)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         D, (A, B, b, q, W) = self._parts()
@@ -586,9 +604,14 @@ class ConditionedStackedSylvester(ConditionedFlow):
     def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, layer by
         layer without an inverse (see :func:`sylvester_push_score`)."""
-        D, (A, B, b, q, W) = self._parts()
+        params = _check_params(self._params, stacked=True)
+        D = _event_dim(params)
         x = check_event(x, D)
         score = check_event(score, D, "score")
+        route = sylvester_route(x, params)
+        if route != PLAIN and score.dtype == x.dtype:
+            return sylvester_stack_push_score(x, score, params, route)
+        A, B, b, q, W = sylvester_parts(params, "alternate")
         for k in range(b.shape[-2]):
             x, score = sylvester_push_score(
                 x, score, A[..., k, :, :], B[..., k, :, :], b[..., k, :], q[..., k, :], W[..., k, :, :]
