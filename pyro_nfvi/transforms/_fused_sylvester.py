@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from . import _fused
-from ._fused import FUSED_NUMPY, KERNEL_ROUTES, PLAIN, _kernel_for, _mm, _namespace, _to_torch
+from ._fused import FUSED_NUMPY, KERNEL_ROUTES, PLAIN, _kernel_for, _namespace, _to_torch
 
 __all__ = ["sylvester_stack_kernel", "sylvester_stack_push_score"]
 
@@ -40,6 +40,22 @@ USE_KERNEL = True
 # Above this bottleneck the score push solves its M x M triangular systems with one
 # batched solve per layer instead of M vectorised substitution steps.
 _PUSH_LOOP_MAX_M = 16
+
+
+# NumPy products below this many multiply-adds stay in NumPy (single-threaded BLAS calls
+# without torch's dispatch; measured ~5x faster than torch.matmul on zero-copy views at
+# 256 x 50 x 8, one thread); larger ones go through torch (see :func:`._fused._mm`).
+_TORCH_MATMUL_MIN = 1 << 22
+
+
+def _mm(xp, a, b):
+    if xp is np and a.shape[0] * a.shape[1] * b.shape[-1] >= _TORCH_MATMUL_MIN:
+        return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
+    return a @ b
+
+
+def _empty(xp, shape, like):
+    return np.empty(shape, like.dtype) if xp is np else like.new_empty(shape)
 
 
 def _diag_embed(xp, v):
@@ -156,41 +172,41 @@ def _parts_backward(xp, U, M, saved, gAt, gBt, gq):
 
 def _forward(xp, x, b, R_raw, Rt_raw, U):
     At, Bt, q, parts = _parts(xp, b, R_raw, Rt_raw, U)
-    K, N = b.shape[0], x.shape[0]
-    zs = xp.empty((K,) + tuple(x.shape), dtype=x.dtype) if xp is np else x.new_empty((K,) + tuple(x.shape))
-    ts = xp.empty((K, N, b.shape[1]), dtype=x.dtype) if xp is np else x.new_empty((K, N, b.shape[1]))
-    z = x
+    K, N, M = b.shape[0], x.shape[0], b.shape[1]
+    zs = _empty(xp, (K + 1,) + tuple(x.shape), x)  # zs[k]: the input of layer k
+    ts = _empty(xp, (K, N, M), x)
+    zs[0] = x
     for k in range(K):
-        zs[k] = z
-        t = ts[k]
-        t[...] = xp.tanh(_mm(xp, z, Bt[k]) + b[k])
-        z = z + _mm(xp, t, At[k])
+        xp.tanh(_mm(xp, zs[k], Bt[k]) + b[k], out=ts[k])
+        xp.add(zs[k], _mm(xp, ts[k], At[k]), out=zs[k + 1])
     t2 = ts * ts
     det = t2 + q[:, None, :] * (1 - t2)
     ladj = xp.log(det).sum(2).sum(0)
-    return z, ladj, (At, Bt, q, parts, zs, ts, det)
+    return zs[K], ladj, (At, Bt, q, parts, zs, ts, det)
 
 
 def _backward(xp, x, b, R_raw, Rt_raw, U, saved, gy, gl):
     At, Bt, q, parts, zs, ts, det = saved
     K, M = b.shape
+    A, B = _contig(xp, At.swapaxes(-1, -2)), _contig(xp, Bt.swapaxes(-1, -2))
     hp = 1 - ts * ts  # (K, N, M)
     gl_det = gl[None, :, None] / det  # (K, N, M)
     gq = (gl_det * hp).sum(1)
-    g_t_ld = gl_det * (2 * ts) * (1 - q[:, None, :])
-    gAt = xp.empty_like(At)
-    gBt = xp.empty_like(Bt)
-    gb = xp.empty_like(b)
+    # dL/da through the log-det, and the factor h' that turns dL/dt into dL/da
+    g_a_ld = gl_det * (2 * ts) * (1 - q[:, None, :]) * hp
+    gs = _empty(xp, zs.shape[:1] + zs.shape[1:], x)[1:]  # gs[k]: dL/d(output of layer k)
+    g_as = _empty(xp, ts.shape, x)
     g = gy
     for k in reversed(range(K)):
-        t = ts[k]
-        gAt[k] = _mm(xp, t.T, g)  # (M, D)
-        g_a = (_mm(xp, g, At[k].T) + g_t_ld[k]) * hp[k]  # (N, M)
-        gBt[k] = _mm(xp, zs[k].T, g_a)  # (D, M)
-        gb[k] = g_a.sum(0)
-        g = g + _mm(xp, g_a, Bt[k].T)
+        gs[k] = g
+        g_a = g_as[k]
+        xp.multiply(_mm(xp, g, A[k]), hp[k], out=g_a)
+        g_a += g_a_ld[k]
+        g = g + _mm(xp, g_a, B[k])
+    gAt = ts.swapaxes(-1, -2) @ gs  # (K, M, D)
+    gBt = zs[:K].swapaxes(-1, -2) @ g_as  # (K, D, M)
     g_R, g_Rt, gU = _parts_backward(xp, U, M, parts, gAt, gBt, gq)
-    return g, gb, g_R, g_Rt, gU
+    return g, g_as.sum(1), g_R, g_Rt, gU
 
 
 class _SylvesterStack(torch.autograd.Function):

@@ -636,13 +636,12 @@ class StackedSylvester(ConditionedStackedSylvester, TransformModule):
     >>> torch.allclose(flow._inverse(y), x, atol=1e-5), ladj.shape
     (True, torch.Size([6]))
 
-    **Speed, and why no fused kernel yet.** A layer is two ``(N, D) x (D, M)`` matrix
-    products (``addmm`` with the bias folded in), which torch runs as single BLAS calls.
-    ``benchmarks/bench_sylvester.py`` (reverse-KL step, K = 16, batch 256, one thread):
-    6-22x faster than Pyro's ``Sylvester`` (8 reflections) for M <= 8 and 1.5-4x for
-    M = D; but 2-4x slower than the fused planar stack at M = 1, where the ~10 small torch
-    ops per layer (forward and backward) dominate. A hand-written kernel like planar's
-    would likely pay for small ``D * M``; it is not written yet.
+    **Speed.** With unbatched parameters the forward pass, log-det and backward run in
+    one hand-written ``autograd.Function`` (:mod:`._fused_sylvester`: NumPy on CPU,
+    torch elsewhere, routed by :func:`~pyro_nfvi.transforms._fused.stack_route`), and
+    :meth:`push_score` in one NumPy/torch pass; the plain autograd loop
+    (:func:`stacked_sylvester_plain`) is the reference they are tested against. Measured
+    ratios: ``benchmarks/bench_sylvester.py``.
 
     :param input_dim: ``D``.
     :param num_flows: ``K``.
