@@ -10,6 +10,11 @@ distribution N(0, I) -> K = 16 layers, batch 256, for D in {10, 50, 200}:
 - pyro: K of Pyro's ``Sylvester(D, count_transforms=8)`` (Householder Q with 8
   reflections, M = D) in a ``ComposeTransformModule``.
 
+First the issue-19 ratios from one interleaved timing: the fused Sylvester stack at M = 1
+against the fused planar stack (D = 10), and at D = 50, M = 8 the plain autograd loop (the
+stack before the fused kernel, ``_fused_sylvester.USE_KERNEL = False``) and Pyro's
+Sylvester against the fused stack. Then the grid.
+
 Ratios are ``other ms / ours ms`` from the same process (> 1: ours is faster). Timings
 interleave the contenders in rounds and report the median. Torch runs single-threaded
 (``--threads`` to change).
@@ -38,6 +43,7 @@ import torch
 from pyro.distributions.torch_transform import ComposeTransformModule
 
 from pyro_nfvi import helpers
+from pyro_nfvi.transforms import _fused_sylvester
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_speed import reverse_kl_step, time_interleaved  # noqa: E402  one home each
@@ -86,6 +92,47 @@ def run(dims, Ms_of, K: int, B: int, rounds: int, min_time: float) -> list:
     return rows
 
 
+def _plain(step):
+    """``step`` with the Sylvester kernel switched off: the plain autograd loop, i.e. the
+    Sylvester stack as it was before the fused kernel."""
+
+    def run():
+        _fused_sylvester.USE_KERNEL = False
+        try:
+            step()
+        finally:
+            _fused_sylvester.USE_KERNEL = True
+
+    return run
+
+
+def issue_ratios(D_small: int, D_big: int, M_big: int, K: int, B: int, rounds: int, min_time: float) -> dict:
+    """The issue-19 ratios, all from one interleaved timing: fused Sylvester at M = 1 vs
+    the fused planar stack (D_small), and at (D_big, M_big) the plain loop ("today's"
+    stack) and Pyro's Sylvester vs the fused stack."""
+    H = min(D_big, PYRO_REFLECTIONS)
+    steps = {
+        "syl_m1": reverse_kl_step(helpers.sylvester_flow(D_small, K, bottleneck=1), D_small, B),
+        "planar": reverse_kl_step(helpers.planar_flow(D_small, K), D_small, B),
+        "syl_big": reverse_kl_step(helpers.sylvester_flow(D_big, K, bottleneck=M_big), D_big, B),
+        "plain_big": _plain(reverse_kl_step(helpers.sylvester_flow(D_big, K, bottleneck=M_big), D_big, B)),
+        "pyro_big": reverse_kl_step(
+            ComposeTransformModule([T.Sylvester(D_big, count_transforms=H) for _ in range(K)]), D_big, B
+        ),
+    }
+    ms = time_interleaved(steps, rounds, min_time)
+    r = dict(
+        m1_vs_planar=ms["syl_m1"] / ms["planar"],
+        plain_vs_fused=ms["plain_big"] / ms["syl_big"],
+        pyro_vs_fused=ms["pyro_big"] / ms["syl_big"],
+    )
+    print(f"reverse-KL step, K = {K}, batch {B}, ms (median of {rounds} rounds): " + ", ".join(f"{k} {v:.2f}" for k, v in ms.items()))
+    print(f"fused sylvester (M = 1) / fused planar, D = {D_small}: {r['m1_vs_planar']:.2f}x time (target <= 1.5)")
+    print(f"plain-loop sylvester / fused sylvester, D = {D_big}, M = {M_big}: {r['plain_vs_fused']:.2f}x speed-up (target >= 3)")
+    print(f"pyro Sylvester (H = {H}, M = D) / fused sylvester (M = {M_big}), D = {D_big}: {r['pyro_vs_fused']:.2f}x speed-up")
+    return r
+
+
 def energies(num_steps: int, seeds=(0, 1), K: int = 32, num_samples: int = 20000) -> list:
     """KL(q||p) on U1-U4 after ``num_steps`` of :func:`~pyro_nfvi.infer.fit_density`."""
     from pyro_nfvi.diagnostics import kl_divergence
@@ -130,8 +177,10 @@ def main(argv=None) -> int:
     if args.energies:
         energies(args.energies)
     elif args.quick:
+        issue_ratios(3, 4, 2, K=2, B=8, rounds=args.rounds, min_time=0.01)
         run([3], lambda D: [1, D], K=2, B=8, rounds=args.rounds, min_time=0.01)
     else:
+        issue_ratios(10, 50, 8, K=16, B=256, rounds=args.rounds, min_time=args.min_time)
         run([10, 50, 200], lambda D: sorted({1, 8, D}), K=16, B=256, rounds=args.rounds, min_time=args.min_time)
     return 0
 

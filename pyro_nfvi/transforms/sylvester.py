@@ -21,25 +21,38 @@ triangular with diagonal :math:`d_i = \tilde R_{ii} R_{ii}`, so
 the second form (the planar layer's, :func:`~pyro_nfvi.transforms._math.planar_det`) has
 no cancellation as :math:`d_i \to -1`.
 
-**Parametrisation of the diagonals.** Raw parameters :math:`\rho_i` (the diagonal of the
-``R`` tensor) and :math:`\sigma_i` (the diagonal of ``R_tilde``) give
+**Parametrisation: every entry bounded.** Raw parameters :math:`\rho_i` (the diagonal of
+the ``R`` tensor), :math:`\sigma_i` (the diagonal of ``R_tilde``) and the raw strictly
+upper entries give, with :math:`\beta` = ``DIAG_BOUND`` = 1 and :math:`\gamma` =
+``OFFDIAG_BOUND`` = 10,
 
 .. math::
 
-    q_i = \operatorname{softplus}(\rho_i),\quad d_i = q_i - 1 > -1,\quad
-    \tilde R_{ii} = \operatorname{softplus}(\sigma_i) > 0,\quad R_{ii} = d_i / \tilde R_{ii},
+    \log q_i = \beta\tanh\rho_i,\quad \log\tilde R_{ii} = \beta\tanh\sigma_i,\quad
+    R_{ii} = \frac{\operatorname{expm1}(\log q_i)}{\tilde R_{ii}},\quad
+    R_{ij}, \tilde R_{ij} = \gamma\tanh(\text{raw}_{ij}/\gamma)\ (j > i),
 
-the planar constraint :math:`w^\top\hat u = \operatorname{softplus}(\cdot) - 1` applied to the
-product. Why this and not the paper's :math:`\tanh` diagonals: the slope of each scalar
-equation solved by the inverse is at least :math:`\min(1, q_i)` and depends on one raw
-number only, with no :math:`1/\|w\|^2` factor, so the inverse is as well conditioned as the
-parameters say; the log-det uses :math:`q_i` itself (not :math:`1 + \tilde R_{ii}R_{ii}`
-recomputed); and :math:`d_i` is not capped at 1 (tanh diagonals give :math:`|d_i| < 1`, so
-a layer cannot expand more than 2x along a direction). :math:`\tilde R_{ii} > 0` loses
-nothing: flipping the signs of row :math:`i` of :math:`\tilde R`, column :math:`i` of
-:math:`R` and :math:`b_i` gives the same map (``tanh`` is odd). With :math:`M = 1` a layer
-is exactly a planar layer with :math:`w = \tilde R_{11} Q` and :math:`u = \rho\,w/\|w\|^2`.
-The strictly lower parts of the ``R``/``R_tilde`` tensors are ignored.
+so :math:`d_i = \tilde R_{ii}R_{ii} = q_i - 1` and every per-unit det factor
+:math:`t_i^2 + q_i(1 - t_i^2)` lies in :math:`[e^{-\beta}, e^{\beta}]` (a sum of positive
+terms: no cancellation), :math:`\tilde R_{ii} \in [e^{-\beta}, e^{\beta}]`,
+:math:`|R_{ii}| \le (e^\beta - 1)e^\beta` and the off-diagonals are at most :math:`\gamma`,
+for every raw value (:math:`\pm\infty` included). Hence :math:`\|J\|` and
+:math:`\|J^{-1}\|` of a layer are bounded whatever the parameters: no raw value (a
+hypernetwork's output of 1e3, a diagonal driven to -40 by training) gives a
+near-singular or huge layer, and the inverse stays exact to rounding. As in the paper
+(which bounds both diagonals with :math:`\tanh`, :math:`|d_i| < 1`), the diagonals are
+bounded; unlike it, :math:`q_i` is bounded away from 0 (the paper's :math:`q_i \to 0` is
+a singular layer, and :math:`\tanh\rho\tanh\sigma` rounds to :math:`-1` at
+:math:`|\rho|, |\sigma| \gtrsim 19` in float64), and the off-diagonals are bounded too:
+with the diagonals alone bounded, hypernetwork outputs of ~1e3 still give Jacobian
+condition numbers ~1e7 (round trips wrong by ~1e-9). :math:`\gamma` is loose (raw
+off-diagonals of a few units pass through almost unchanged). A zero raw value is the
+layer :math:`\tilde R_{ii} = 1,\ R_{ii} = 0` (with zero off-diagonals and bias: the
+identity map, with non-zero gradients). :math:`\tilde R_{ii} > 0` loses nothing: flipping
+the signs of row :math:`i` of :math:`\tilde R`, column :math:`i` of :math:`R` and
+:math:`b_i` gives the same map (``tanh`` is odd). With :math:`M = 1` a layer is exactly a
+planar layer with :math:`w = \tilde R_{11} Q` and :math:`w^\top\hat u = q_1 - 1`. The
+strictly lower parts of the ``R``/``R_tilde`` tensors are ignored.
 
 **Q** (``kind``):
 
@@ -62,7 +75,7 @@ The strictly lower parts of the ``R``/``R_tilde`` tensors are ignored.
 :math:`W_{ii} = d_i`), the pre-activation :math:`a = Bx + b` of :math:`x = f^{-1}(y)`
 solves :math:`a + W\tanh(a) = c`, which is triangular: from :math:`i = M` down to
 :math:`1`, :math:`a_i + d_i\tanh a_i = c_i - \sum_{j>i} W_{ij}\tanh a_j` is one monotone
-scalar equation (slope :math:`\ge \min(1, q_i)`), solved by the planar layer's safeguarded
+scalar equation (slope :math:`\ge \min(1, q_i) \ge e^{-\beta}`), solved by the planar layer's safeguarded
 Newton/bisection (:func:`~pyro_nfvi.transforms.planar.planar_solve`, float64 inside,
 implicit-function gradients); then :math:`x = y - A\tanh(a)`. The component of
 :math:`y` orthogonal to :math:`\mathrm{range}(Q)` passes through unchanged.
@@ -88,6 +101,8 @@ import torch.nn.functional as F
 from pyro.distributions.torch_transform import TransformModule
 
 from ._base import ConditionalFlow, ConditionedFlow, check_event, check_input_dim
+from ._fused import PLAIN
+from ._fused_sylvester import sylvester_route, sylvester_stack_kernel, sylvester_stack_push_score
 from ._math import planar_det, planar_log_det
 from .planar import planar_solve
 
@@ -102,6 +117,10 @@ __all__ = [
 ]
 
 KINDS = ("orthogonal", "householder", "triangular")
+
+#: ``log q_i`` and ``log R_tilde_ii`` lie in ``[-DIAG_BOUND, DIAG_BOUND]`` (module docstring)
+DIAG_BOUND = 1.0
+OFFDIAG_BOUND = 10.0
 
 # (b, R, R_tilde, U) with U None for the triangular kind
 Params = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
@@ -138,18 +157,22 @@ def _vecmat(v: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
     return (v.unsqueeze(-2) @ mat).squeeze(-2)
 
 
+def _bounded(raw: torch.Tensor) -> torch.Tensor:
+    """Off-diagonal entries ``OFFDIAG_BOUND * tanh(raw / OFFDIAG_BOUND)``: the identity
+    for ``|raw| << OFFDIAG_BOUND``, never larger than ``OFFDIAG_BOUND``."""
+    return OFFDIAG_BOUND * torch.tanh(raw / OFFDIAG_BOUND)
+
+
 def sylvester_triangles(R_raw: torch.Tensor, Rt_raw: torch.Tensor):
     """``(R, R_tilde, q)`` from the raw ``(..., M, M)`` tensors: strictly upper parts as
-    given, ``q = softplus(diag R_raw)``, ``R_tilde_ii = softplus(diag Rt_raw)``,
-    ``R_ii = (q - 1) / R_tilde_ii`` (so ``R_tilde_ii R_ii = q - 1 > -1``)."""
-    q = F.softplus(R_raw.diagonal(dim1=-2, dim2=-1))
-    rt_diag = F.softplus(Rt_raw.diagonal(dim1=-2, dim2=-1))
-    # floor at eps, not tiny: R_ii = d / R~_ii must stay finite (<= 1/eps) as sigma -> -inf
-    rt_diag = rt_diag.clamp_min(torch.finfo(rt_diag.dtype).eps)
-    q = q.clamp_min(torch.finfo(q.dtype).tiny)
-    R = R_raw.triu(1) + torch.diag_embed((q - 1) / rt_diag)
-    Rt = Rt_raw.triu(1) + torch.diag_embed(rt_diag)
-    return R, Rt, q
+    given, ``log q = DIAG_BOUND * tanh(diag R_raw)``, ``log R_tilde_ii = DIAG_BOUND *
+    tanh(diag Rt_raw)`` and ``R_ii = expm1(log q) / R_tilde_ii`` (so ``R_tilde_ii R_ii =
+    q - 1``): both diagonals and ``q`` bounded for every raw value, ``±inf`` included."""
+    log_q = DIAG_BOUND * torch.tanh(R_raw.diagonal(dim1=-2, dim2=-1))
+    rt_diag = torch.exp(DIAG_BOUND * torch.tanh(Rt_raw.diagonal(dim1=-2, dim2=-1)))
+    R = _bounded(R_raw.triu(1)) + torch.diag_embed(torch.expm1(log_q) / rt_diag)
+    Rt = _bounded(Rt_raw.triu(1)) + torch.diag_embed(rt_diag)
+    return R, Rt, torch.exp(log_q)
 
 
 def _reverse_mask(K: int, device) -> torch.Tensor:
@@ -221,6 +244,38 @@ def sylvester_push_score(x, score, A, B, b, q, W) -> Tuple[torch.Tensor, torch.T
     return y, s - _vecmat(hp * w, B)
 
 
+def stacked_sylvester_plain(x: torch.Tensor, params: Params) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log|det J|)`` of K layers by the plain autograd loop (the reference for the
+    fused kernel): ``Q``, ``A = QR`` and ``B = R~Q^T`` of all layers in one batched pass,
+    then two matrix products and a ``tanh`` per layer."""
+    A, B, b, q, _ = sylvester_parts(params, "alternate", with_W=False)
+    ts = []
+    if A.dim() == 3:  # unbatched parameters: each product is one GEMM with its bias
+        D = x.shape[-1]
+        z, At, Bt = x.reshape(-1, D), A.transpose(-1, -2), B.transpose(-1, -2)
+        for k in range(b.shape[-2]):
+            t = torch.tanh(torch.addmm(b[k], z, Bt[k]))
+            z = torch.addmm(z, t, At[k])
+            ts.append(t)
+        ladj = planar_log_det(torch.stack(ts, -2), q).sum((-1, -2))
+        return z.reshape(x.shape), ladj.reshape(x.shape[:-1])
+    for k in range(b.shape[-2]):
+        t = torch.tanh(_matvec(B[..., k, :, :], x) + b[..., k, :])
+        x = x + _matvec(A[..., k, :, :], t)
+        ts.append(t)
+    # log-dets of all layers in one op from the stored activations
+    return x, planar_log_det(torch.stack(ts, -2), q).sum((-1, -2))
+
+
+def stacked_sylvester(x: torch.Tensor, params: Params) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, log|det J|)`` of K layers: the fused kernel of :mod:`._fused_sylvester` where
+    :func:`._fused.stack_route` says so (unbatched parameters), else the plain loop."""
+    route = sylvester_route(x, params)
+    if route != PLAIN:
+        return sylvester_stack_kernel(x, params, route)
+    return stacked_sylvester_plain(x, params)
+
+
 def _check_params(params, stacked: bool) -> Params:
     params = params() if callable(params) else params
     if len(params) == 3:
@@ -265,12 +320,10 @@ def _init_raw_(b, R, Rt, U, near_identity: bool) -> None:
         if U is not None:
             U.normal_()
         if near_identity:
-            # q = softplus(rho) = 1 at rho = log(e - 1): R_ii = 0; R's off-diagonals ~0.01,
-            # so each layer starts within ~0.01 of the identity; R_tilde_ii = 1.
-            shift = math.log(math.e - 1)
+            # raw diagonals ~0: q ~ 1 (R_ii ~ 0) and R_tilde_ii = 1; R's off-diagonals ~0.01,
+            # so each layer starts within ~0.01 of the identity
             R.normal_(0.0, 0.01)
-            R.diagonal(dim1=-2, dim2=-1).add_(shift)
-            Rt.diagonal(dim1=-2, dim2=-1).fill_(shift)
+            Rt.diagonal(dim1=-2, dim2=-1).zero_()
 
 
 def _resolve(input_dim: int, bottleneck, kind: str, num_householder) -> Tuple[int, int, Optional[int]]:
@@ -355,7 +408,9 @@ class Sylvester(ConditionedSylvester, TransformModule):
         \log|\det J| = \sum_{i=1}^M \log\big(1 + \tilde R_{ii} R_{ii} (1 - \tanh^2 a_i)\big),
 
     with :math:`Q \in \mathbb{R}^{D\times M}` orthonormal, :math:`R, \tilde R` upper
-    triangular, :math:`\tilde R_{ii} R_{ii} = \operatorname{softplus}(\rho_i) - 1 > -1`.
+    triangular, :math:`1 + \tilde R_{ii} R_{ii} = e^{\tanh\rho_i}` and every entry of
+    :math:`R, \tilde R` bounded (module docstring), so the layer is well conditioned for
+    every parameter value.
     Unlike :class:`pyro.distributions.transforms.Sylvester`, the inverse of *any* point is
     computed (back substitution over ``M`` monotone scalar equations), so ``log_prob`` of
     data works with correct gradients, and the log-det matches the Jacobian at any
@@ -530,27 +585,11 @@ class ConditionedStackedSylvester(ConditionedFlow):
         return _event_dim(params), sylvester_parts(params, "alternate", with_W)
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(y, log|det dy/dx|)`` in one pass."""
-        D, (A, B, b, q, _) = self._parts(with_W=False)
-        x = check_event(x, D)
-        ts = []
-        if A.dim() == 3:  # unbatched parameters: each product is one GEMM with its bias
-            batch_shape = x.shape[:-1]
-            z, At, Bt = x.reshape(-1, D), A.transpose(-1, -2), B.transpose(-1, -2)
-            for k in range(b.shape[-2]):
-                t = torch.tanh(torch.addmm(b[k], z, Bt[k]))
-                z = torch.addmm(z, t, At[k])
-                ts.append(t)
-            t = torch.stack(ts, -2)
-            ladj = planar_log_det(t, q).sum((-1, -2))
-            return z.reshape(x.shape), ladj.reshape(batch_shape)
-        for k in range(b.shape[-2]):
-            t = torch.tanh(_matvec(B[..., k, :, :], x) + b[..., k, :])
-            x = x + _matvec(A[..., k, :, :], t)
-            ts.append(t)
-        # log-dets of all layers in one op from the stored activations
-        t = torch.stack(ts, -2)
-        return x, planar_log_det(t, q).sum((-1, -2))
+        """Return ``(y, log|det dy/dx|)`` in one pass (the fused kernel where
+        :func:`stacked_sylvester` picks it)."""
+        params = _check_params(self._params, stacked=True)
+        x = check_event(x, _event_dim(params))
+        return stacked_sylvester(x, params)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         D, (A, B, b, q, W) = self._parts()
@@ -565,9 +604,14 @@ class ConditionedStackedSylvester(ConditionedFlow):
     def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, layer by
         layer without an inverse (see :func:`sylvester_push_score`)."""
-        D, (A, B, b, q, W) = self._parts()
+        params = _check_params(self._params, stacked=True)
+        D = _event_dim(params)
         x = check_event(x, D)
         score = check_event(score, D, "score")
+        route = sylvester_route(x, params)
+        if route != PLAIN and score.dtype == x.dtype:
+            return sylvester_stack_push_score(x, score, params, route)
+        A, B, b, q, W = sylvester_parts(params, "alternate")
         for k in range(b.shape[-2]):
             x, score = sylvester_push_score(
                 x, score, A[..., k, :, :], B[..., k, :, :], b[..., k, :], q[..., k, :], W[..., k, :, :]
@@ -592,13 +636,12 @@ class StackedSylvester(ConditionedStackedSylvester, TransformModule):
     >>> torch.allclose(flow._inverse(y), x, atol=1e-5), ladj.shape
     (True, torch.Size([6]))
 
-    **Speed, and why no fused kernel yet.** A layer is two ``(N, D) x (D, M)`` matrix
-    products (``addmm`` with the bias folded in), which torch runs as single BLAS calls.
-    ``benchmarks/bench_sylvester.py`` (reverse-KL step, K = 16, batch 256, one thread):
-    6-22x faster than Pyro's ``Sylvester`` (8 reflections) for M <= 8 and 1.5-4x for
-    M = D; but 2-4x slower than the fused planar stack at M = 1, where the ~10 small torch
-    ops per layer (forward and backward) dominate. A hand-written kernel like planar's
-    would likely pay for small ``D * M``; it is not written yet.
+    **Speed.** With unbatched parameters the forward pass, log-det and backward run in
+    one hand-written ``autograd.Function`` (:mod:`._fused_sylvester`: NumPy on CPU,
+    torch elsewhere, routed by :func:`~pyro_nfvi.transforms._fused.stack_route`), and
+    :meth:`push_score` in one NumPy/torch pass; the plain autograd loop
+    (:func:`stacked_sylvester_plain`) is the reference they are tested against. Measured
+    ratios: ``benchmarks/bench_sylvester.py``.
 
     :param input_dim: ``D``.
     :param num_flows: ``K``.

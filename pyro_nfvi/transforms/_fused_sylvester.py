@@ -1,0 +1,331 @@
+"""A hand-written forward/backward for a learnable K-layer Sylvester stack, and its score push.
+
+The plain autograd path of :class:`~pyro_nfvi.transforms.sylvester.StackedSylvester`
+(the reference, kept in :mod:`.sylvester`) costs ~25 small torch ops to build ``Q``,
+``R``, ``R~``, ``A = QR`` and ``B = R~Q^T`` and ~10 per layer, each about tripled by
+autograd. Here one ``autograd.Function`` takes the raw parameters ``(b, R, R_tilde[, U])``
+and does everything (the bounded triangles, the compact-WY Householder product, the K
+layers, the summed log-det) with a closed-form backward, written once against an array
+namespace ``xp``: NumPy on zero-copy views on CPU (a NumPy call costs ~1 µs, a torch op
+~3-5 µs), torch elsewhere. The route is :func:`~pyro_nfvi.transforms._fused.stack_route`'s,
+as for the planar and radial stacks; batched (conditioned) parameters use the plain loop.
+
+Backward of the layer loop, with ``z_k`` the input of layer ``k``, ``t = tanh(z_k B_k^T +
+b_k)``, ``det = t^2 + q(1 - t^2)`` and ``g`` the gradient at the layer's output:
+``g_t = g A_k + ḡ 2t(1 - q)/det``, ``g_a = g_t (1 - t^2)``, ``g_A = g^T t``,
+``g_B = g_a^T z_k``, ``g_b = Σ g_a``, ``g_q = Σ ḡ (1 - t^2)/det`` and ``g ← g + g_a B_k``
+(``ḡ`` the log-det's upstream gradient). Then back through ``A = QR``, ``B = R~Q^T``,
+the bounded triangles (elementwise) and ``Q = I - U T^{-1} U_{:M}^T``,
+``T = ½ diag(U^T U) + striu(U^T U)``: with ``X = T^{-1} U_{:M}^T``, ``g_U = -g_Q X^T``,
+``g_V = T^{-T}(-U^T g_Q)``, ``g_T = -g_V X^T`` (upper part), ``g_{U_{:M}} += g_V^T`` and
+``g_U += U (g_G + g_G^T)`` with ``g_G`` the upper part of ``g_T`` (diagonal halved).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from . import _fused
+from ._fused import FUSED_NUMPY, KERNEL_ROUTES, PLAIN, _kernel_for, _namespace, _to_torch
+
+__all__ = ["sylvester_stack_kernel", "sylvester_stack_push_score"]
+
+# Test/benchmark hook: False sends every stack down the plain autograd loop (the
+# reference, and "today's" Sylvester stack in benchmarks/bench_sylvester.py).
+USE_KERNEL = True
+
+# Above this bottleneck the score push solves its M x M triangular systems with one
+# batched solve per layer instead of M vectorised substitution steps.
+_PUSH_LOOP_MAX_M = 16
+
+
+# NumPy products below this many multiply-adds stay in NumPy (single-threaded BLAS calls
+# without torch's dispatch; measured ~5x faster than torch.matmul on zero-copy views at
+# 256 x 50 x 8, one thread); larger ones go through torch (see :func:`._fused._mm`).
+_TORCH_MATMUL_MIN = 1 << 22
+
+
+def _mm(xp, a, b):
+    if xp is np and a.shape[0] * a.shape[1] * b.shape[-1] >= _TORCH_MATMUL_MIN:
+        return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
+    return a @ b
+
+
+def _empty(xp, shape, like):
+    return np.empty(shape, like.dtype) if xp is np else like.new_empty(shape)
+
+
+def _diag_embed(xp, v):
+    M = v.shape[-1]
+    eye = np.eye(M, dtype=v.dtype) if xp is np else torch.eye(M, dtype=v.dtype, device=v.device)
+    return v[..., :, None] * eye
+
+
+def _solve(xp, a, b):
+    return np.linalg.solve(a, b) if xp is np else torch.linalg.solve(a, b)
+
+
+def _contig(xp, a):
+    return np.ascontiguousarray(a) if xp is np else a.contiguous()
+
+
+def _flip_odd(xp, a, axis):
+    """``a (K, ...)`` with layers ``k`` odd flipped along ``axis`` (a copy)."""
+    out = a.copy() if xp is np else a.clone()
+    if xp is np:
+        out[1::2] = np.flip(a[1::2], axis)
+    else:
+        out[1::2] = a[1::2].flip(axis)
+    return out
+
+
+def _triangles(xp, R_raw, Rt_raw):
+    """The bounded triangles of :func:`.sylvester.sylvester_triangles` and what their
+    backward needs."""
+    from .sylvester import DIAG_BOUND, OFFDIAG_BOUND
+
+    th_r = xp.tanh(R_raw.diagonal(0, -2, -1))
+    th_s = xp.tanh(Rt_raw.diagonal(0, -2, -1))
+    log_q = DIAG_BOUND * th_r
+    rt = xp.exp(DIAG_BOUND * th_s)
+    q = xp.exp(log_q)
+    d = xp.expm1(log_q)
+    th_off_r = xp.tanh(xp.triu(R_raw, 1) / OFFDIAG_BOUND)
+    th_off_s = xp.tanh(xp.triu(Rt_raw, 1) / OFFDIAG_BOUND)
+    R = OFFDIAG_BOUND * th_off_r + _diag_embed(xp, d / rt)
+    Rt = OFFDIAG_BOUND * th_off_s + _diag_embed(xp, rt)
+    return R, Rt, q, (th_r, th_s, rt, q, d, th_off_r, th_off_s)
+
+
+def _triangles_backward(xp, saved, gR, gRt, gq):
+    from .sylvester import DIAG_BOUND
+
+    th_r, th_s, rt, q, d, th_off_r, th_off_s = saved
+    gRd, gRtd = gR.diagonal(0, -2, -1), gRt.diagonal(0, -2, -1)
+    g_logq = gRd * q / rt + gq * q
+    g_rt = gRtd - gRd * d / (rt * rt)
+    g_R = xp.triu(gR, 1) * (1 - th_off_r * th_off_r) + _diag_embed(xp, g_logq * DIAG_BOUND * (1 - th_r * th_r))
+    g_Rt = xp.triu(gRt, 1) * (1 - th_off_s * th_off_s) + _diag_embed(
+        xp, g_rt * rt * DIAG_BOUND * (1 - th_s * th_s)
+    )
+    return g_R, g_Rt
+
+
+def _householder(xp, U, M):
+    """``Q (K, D, M)`` of :func:`.sylvester.householder_product` and what backward needs."""
+    G = U.swapaxes(-1, -2) @ U  # (K, n, n)
+    gd = G.diagonal(0, -2, -1)
+    floor = xp.finfo(U.dtype).eps ** 2
+    keep = gd > floor
+    T = xp.triu(G, 1) + _diag_embed(xp, 0.5 * xp.where(keep, gd, floor))
+    X = _solve(xp, T, _contig(xp, U[:, :M, :].swapaxes(-1, -2)))  # (K, n, M)
+    eye = np.eye(U.shape[1], M, dtype=U.dtype) if xp is np else torch.eye(U.shape[1], M, dtype=U.dtype, device=U.device)
+    return eye - U @ X, (T, X, keep)
+
+
+def _householder_backward(xp, U, M, saved, gQ):
+    T, X, keep = saved
+    gU = -(gQ @ X.swapaxes(-1, -2))
+    gX = -(U.swapaxes(-1, -2) @ gQ)  # (K, n, M)
+    gV = _solve(xp, _contig(xp, T.swapaxes(-1, -2)), gX)  # (K, n, M)
+    gT = -(gV @ X.swapaxes(-1, -2))
+    gU[:, :M, :] += gV.swapaxes(-1, -2)
+    gG = xp.triu(gT, 1) + _diag_embed(xp, 0.5 * gT.diagonal(0, -2, -1) * keep)
+    gU += U @ (gG + gG.swapaxes(-1, -2))
+    return gU
+
+
+def _parts(xp, b, R_raw, Rt_raw, U):
+    """``At (K, M, D) = A^T``, ``Bt (K, D, M) = B^T``, ``q``, and what backward needs."""
+    M = b.shape[-1]
+    R, Rt, q, tri = _triangles(xp, R_raw, Rt_raw)
+    if U is not None:
+        Q, hh = _householder(xp, U, M)
+        At = _contig(xp, R.swapaxes(-1, -2) @ Q.swapaxes(-1, -2))  # (QR)^T
+        Bt = _contig(xp, Q @ Rt.swapaxes(-1, -2))  # (R~Q^T)^T
+    else:  # triangular: Q = I for even layers, the reversal for odd ones
+        Q, hh = None, None
+        At = _flip_odd(xp, _contig(xp, R.swapaxes(-1, -2)), -1)  # (P R)^T = R^T P^T
+        Bt = _flip_odd(xp, _contig(xp, Rt.swapaxes(-1, -2)), -2)  # (R~ P^T)^T = P R~^T
+    return At, Bt, q, (R, Rt, Q, tri, hh)
+
+
+def _parts_backward(xp, U, M, saved, gAt, gBt, gq):
+    R, Rt, Q, tri, hh = saved
+    if Q is not None:
+        # A = Q R, B = R~ Q^T: g_R = Q^T g_A, g_R~ = g_B Q, g_Q = g_A R^T + g_B^T R~
+        gA, gB = gAt.swapaxes(-1, -2), gBt.swapaxes(-1, -2)
+        gR = Q.swapaxes(-1, -2) @ gA
+        gRt = gB @ Q
+        gQ = gA @ R.swapaxes(-1, -2) + gBt @ Rt
+        gU = _householder_backward(xp, U, M, hh, gQ)
+    else:
+        gR = _flip_odd(xp, gAt, -1).swapaxes(-1, -2)
+        gRt = _flip_odd(xp, gBt, -2).swapaxes(-1, -2)
+        gU = None
+    g_R, g_Rt = _triangles_backward(xp, tri, gR, gRt, gq)
+    return g_R, g_Rt, gU
+
+
+def _forward(xp, x, b, R_raw, Rt_raw, U):
+    At, Bt, q, parts = _parts(xp, b, R_raw, Rt_raw, U)
+    K, N, M = b.shape[0], x.shape[0], b.shape[1]
+    zs = _empty(xp, (K + 1,) + tuple(x.shape), x)  # zs[k]: the input of layer k
+    ts = _empty(xp, (K, N, M), x)
+    zs[0] = x
+    for k in range(K):
+        xp.tanh(_mm(xp, zs[k], Bt[k]) + b[k], out=ts[k])
+        xp.add(zs[k], _mm(xp, ts[k], At[k]), out=zs[k + 1])
+    t2 = ts * ts
+    det = t2 + q[:, None, :] * (1 - t2)
+    ladj = xp.log(det).sum(2).sum(0)
+    return zs[K], ladj, (At, Bt, q, parts, zs, ts, det)
+
+
+def _backward(xp, x, b, R_raw, Rt_raw, U, saved, gy, gl):
+    At, Bt, q, parts, zs, ts, det = saved
+    K, M = b.shape
+    A, B = _contig(xp, At.swapaxes(-1, -2)), _contig(xp, Bt.swapaxes(-1, -2))
+    hp = 1 - ts * ts  # (K, N, M)
+    gl_det = gl[None, :, None] / det  # (K, N, M)
+    gq = (gl_det * hp).sum(1)
+    # dL/da through the log-det, and the factor h' that turns dL/dt into dL/da
+    g_a_ld = gl_det * (2 * ts) * (1 - q[:, None, :]) * hp
+    gs = _empty(xp, zs.shape[:1] + zs.shape[1:], x)[1:]  # gs[k]: dL/d(output of layer k)
+    g_as = _empty(xp, ts.shape, x)
+    g = gy
+    for k in reversed(range(K)):
+        gs[k] = g
+        g_a = g_as[k]
+        xp.multiply(_mm(xp, g, A[k]), hp[k], out=g_a)
+        g_a += g_a_ld[k]
+        g = g + _mm(xp, g_a, B[k])
+    gAt = ts.swapaxes(-1, -2) @ gs  # (K, M, D)
+    gBt = zs[:K].swapaxes(-1, -2) @ g_as  # (K, D, M)
+    g_R, g_Rt, gU = _parts_backward(xp, U, M, parts, gAt, gBt, gq)
+    return g, g_as.sum(1), g_R, g_Rt, gU
+
+
+class _SylvesterStack(torch.autograd.Function):
+    """``(x (..., D), b, R, R_tilde, U or None) -> (y, ladj)``; see the module docstring.
+    A double backward (``create_graph=True``) recomputes the plain autograd loop and
+    differentiates it, as :class:`._fused._FusedStack` does."""
+
+    @staticmethod
+    def forward(ctx, x, b, R, Rt, U, route):
+        tensors = (x, b, R, Rt) + ((U,) if U is not None else ())
+        xp, arrays = _namespace(route, *tensors)
+        xa, ba, Ra, Rta = arrays[:4]
+        Ua = arrays[4] if U is not None else None
+        shape = tuple(x.shape)
+        xa = xa.reshape(-1, shape[-1])
+        with np.errstate(all="ignore"):
+            y, ladj, saved = _forward(xp, xa, ba, Ra, Rta, Ua)
+        ctx.save_for_backward(*tensors)
+        ctx.saved, ctx.arrays, ctx.shape, ctx.route, ctx.has_U = saved, (xa, ba, Ra, Rta, Ua), shape, route, U is not None
+        return _to_torch(xp, _contig(xp, y).reshape(shape), ladj.reshape(shape[:-1]))
+
+    @staticmethod
+    def backward(ctx, gy, gl):
+        tensors = ctx.saved_tensors  # raises if an input was modified in place since forward
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            return _plain_backward(ctx, tensors, gy, gl)
+        xp, (gya, gla) = _namespace(ctx.route, gy, gl)
+        xa, ba, Ra, Rta, Ua = ctx.arrays
+        D = ctx.shape[-1]
+        with np.errstate(all="ignore"):
+            gx, gb, gR, gRt, gU = _backward(xp, xa, ba, Ra, Rta, Ua, ctx.saved, gya.reshape(-1, D), gla.reshape(-1))
+        gx, gb, gR, gRt = _to_torch(xp, _contig(xp, gx).reshape(ctx.shape), gb, gR, gRt)
+        if gU is not None:
+            (gU,) = _to_torch(xp, gU)
+        return gx, gb, gR, gRt, gU, None
+
+
+def _plain_backward(ctx, tensors, gy, gl):
+    """Vector-Jacobian product of the plain autograd loop, with its graph kept."""
+    from .sylvester import stacked_sylvester_plain
+
+    x, params = tensors[0], tuple(tensors[1:]) + ((None,) if not ctx.has_U else ())
+    needs = ctx.needs_input_grad[:5]
+    inputs = (x,) + params
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    _fused._PLAIN_DEPTH += 1
+    try:
+        y, ladj = stacked_sylvester_plain(x, params)
+    finally:
+        _fused._PLAIN_DEPTH -= 1
+    grads = iter(torch.autograd.grad((y, ladj), wanted, (gy, gl), create_graph=True, allow_unused=True))
+    out = [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
+    return tuple(out) + (None,)
+
+
+def kernel_route(x: torch.Tensor, b: torch.Tensor, route: Optional[str]) -> str:
+    if route is None:
+        route = _kernel_for(x)
+    if route not in KERNEL_ROUTES:
+        raise ValueError(f"route must be one of {KERNEL_ROUTES}, got {route!r}")
+    if route == FUSED_NUMPY and not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)):
+        raise ValueError(f"route {FUSED_NUMPY!r} needs CPU float32/float64 tensors, got {x.dtype} on {x.device}")
+    return route
+
+
+def sylvester_route(x: torch.Tensor, params) -> str:
+    """:func:`._fused.stack_route` for Sylvester parameters ``(b, R, R_tilde[, U])``: a
+    kernel only for unbatched parameters (``b (K, M)``, ``R (K, M, M)``, ...)."""
+    b, R, Rt, U = params
+    if not USE_KERNEL or R.dim() != 3 or Rt.dim() != 3 or (U is not None and U.dim() != 3):
+        return PLAIN
+    return _fused.stack_route(x, b)
+
+
+def sylvester_stack_kernel(x, params, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, ladj)`` of a K-layer Sylvester stack from unbatched raw parameters ``(b (K, M),
+    R (K, M, M), R_tilde (K, M, M), U (K, D, n) or None)`` (``None``: the triangular
+    kind); ``route``: one of :data:`._fused.KERNEL_ROUTES` (default: ``x``'s device)."""
+    b, R, Rt, U = params
+    return _SylvesterStack.apply(x, b, R, Rt, U, kernel_route(x, b, route))
+
+
+def _push_layer(xp, z, s, At, Bt, b, q, W):
+    """One layer of :func:`.sylvester.sylvester_push_score` on ``(N, D)`` arrays."""
+    t = xp.tanh(_mm(xp, z, Bt) + b)
+    hp = 1 - t * t
+    det = t * t + q * hp
+    y = z + _mm(xp, t, At)
+    s = s - _mm(xp, (q - 1) * (-2 * t * hp) / det, Bt.T)
+    r = _mm(xp, s, At.T)  # A^T s, (N, M)
+    M = b.shape[-1]
+    if M <= _PUSH_LOOP_MAX_M:
+        # (I + W^T H) w = r, lower triangular: w_i = (r_i - Σ_{j<i} W_ji h_j w_j) / det_i
+        v = xp.empty_like(r)
+        for i in range(M):
+            w_i = r[:, i] if i == 0 else r[:, i] - v[:, :i] @ W[:i, i]
+            v[:, i] = hp[:, i] * w_i / det[:, i]
+    else:
+        N_ = xp.tril(W.T, -1)[None] * hp[:, None, :] + _diag_embed(xp, det)
+        w = _solve(xp, N_, r[:, :, None])[:, :, 0]
+        v = hp * w
+    return y, s - _mm(xp, v, Bt.T)
+
+
+def sylvester_stack_push_score(x, score, params, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(y, ∇_y log p_Y(y))`` through a K-layer stack with unbatched raw parameters (as
+    :func:`sylvester_stack_kernel`), layer by layer in one NumPy/torch pass, no graph."""
+    b, R, Rt, U = params
+    route = kernel_route(x, b, route)
+    tensors = (x, score, b, R, Rt) + ((U,) if U is not None else ())
+    with torch.no_grad():
+        xp, arrays = _namespace(route, *(t.detach() for t in tensors))
+        xa, sa, ba, Ra, Rta = arrays[:5]
+        Ua = arrays[5] if U is not None else None
+        shape = tuple(x.shape)
+        z, s = xa.reshape(-1, shape[-1]), sa.reshape(-1, shape[-1])
+        with np.errstate(all="ignore"):
+            At, Bt, q, (Rm, Rtm, _, _, _) = _parts(xp, ba, Ra, Rta, Ua)
+            W = Rtm @ Rm
+            for k in range(ba.shape[0]):
+                z, s = _push_layer(xp, z, s, At[k], Bt[k], ba[k], q[k], W[k])
+        return _to_torch(xp, _contig(xp, z).reshape(shape), _contig(xp, s).reshape(shape))
