@@ -214,7 +214,7 @@ def run_one(name: str, seed: int, cfg: dict) -> dict:
     res.update(name=name, family=family, num_flows=K, seed=seed, epochs=state["epoch"],
                best_val_neg_elbo=state["best"], sec_per_epoch=state["train_seconds"] / max(1, state["epoch"]),
                eval_seconds=time.time() - t0, history=state["history"],
-               config={k: v for k, v in cfg.items() if k not in ("progress",)})
+               config={k: v for k, v in cfg.items() if k not in ("progress", "out", "data_root")})
     res_path.write_text(json.dumps(res, indent=1))
     return res
 
