@@ -111,7 +111,8 @@ class AmortizedFlow(nn.Module):
     family: a planar layer conjugated by the affine map is a planar layer in :math:`z`;
     it makes a zero network output the Gaussian whatever :math:`\sigma`), with :math:`\rho_0 = \log(e^{s_0} - 1)` so that :math:`\sigma \approx s_0 =`
     ``init_scale`` when the network's raw output is near zero. For planar layers
-    :math:`\theta_k = (b_k, u_k, w_k)` (:math:`K + 2KD` outputs), for radial layers
+    :math:`\theta_k = (b_k, u_k, w_k)` (:math:`K + 2KD` outputs; :math:`w_k` is the output
+    plus a fixed random unit vector, so that it starts away from 0), for radial layers
     :math:`\theta_k = (z_{0,k}, \alpha'_k, \beta'_k)` (:math:`KD + 2K` outputs), for
     Sylvester layers (``kind="orthogonal"``, bottleneck :math:`M = D`) :math:`\theta_k =
     (b_k, R_k, \tilde R_k, U_k)` (:math:`KD + KD(D+1) + KD^2` outputs; a zero output is the
@@ -201,6 +202,14 @@ class AmortizedFlow(nn.Module):
         with torch.no_grad():  # flow parameters start small: mild layers at step 0
             layers[-1].weight[2 * D :] *= 0.1
             layers[-1].bias[2 * D :] *= 0.1
+        if flow == "planar" and K > 0:
+            # w = head output + a fixed unit vector per layer: u_hat depends on w through
+            # w / |w|^2, so a head output near w = 0 (common when D is small) would make
+            # u_hat and its gradient blow up (measured: NaN at D = 2). A local generator
+            # keeps the user's random stream alone.
+            gen = torch.Generator().manual_seed(0)
+            w0 = torch.randn(K, D, generator=gen)
+            self.register_buffer("_w_offset", w0 / w0.norm(dim=-1, keepdim=True), persistent=False)
 
     def extra_repr(self) -> str:
         return (
@@ -228,7 +237,7 @@ class AmortizedFlow(nn.Module):
             return loc, scale, (b.unflatten(-1, (K, D)), R, Rt, u.unflatten(-1, (K, D, D)))
         if self.flow == "planar":
             bias, u, w = out[2:]
-            u, w = u.unflatten(-1, (K, D)), w.unflatten(-1, (K, D))
+            u, w = u.unflatten(-1, (K, D)), w.unflatten(-1, (K, D)) + self._w_offset.to(w.dtype)
             return loc, scale, (bias.unsqueeze(-1), _identity_at_zero(u, w), w)
         x0, alpha_prime, beta_prime = out[2:]
         return loc, scale, (x0.unflatten(-1, (K, D)), alpha_prime.unsqueeze(-1), beta_prime.unsqueeze(-1))
