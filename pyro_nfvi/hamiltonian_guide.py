@@ -102,7 +102,8 @@ class AutoHamiltonianFlow(AutoGuide):
         ``AutoPlanarFlow(model)``. It becomes a submodule of this guide (its parameters are
         named under it).
     :param float step_size: initial step size of every step and coordinate, relative to
-        the initial mass (see ``init_mass``).
+        the initial mass (see ``init_mass``). 0.25 diverged (a non-finite gradient, raised)
+        on eight schools within 50 steps of the posterior suite; 0.1 trained 200 steps.
     :param float max_step_size: the bound :math:`\epsilon_{\max}` of the step sizes.
     :param bool tempering: learn :math:`\beta_0` (Caterini et al.'s quadratic schedule).
     :param float init_beta0: initial :math:`\beta_0`.
@@ -121,7 +122,7 @@ class AutoHamiltonianFlow(AutoGuide):
         num_steps: int = 4,
         base: Optional[AutoNormalizingFlow] = None,
         *,
-        step_size: float = 0.25,
+        step_size: float = 0.1,
         max_step_size: float = 1.0,
         tempering: bool = True,
         init_beta0: float = 0.5,
