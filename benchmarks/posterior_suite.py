@@ -86,6 +86,8 @@ GUIDES: Dict[str, Callable[[Callable], Any]] = {
 }
 if hasattr(nfvi_guides, "AutoSylvesterFlow"):  # added by another engineer
     GUIDES["AutoSylvesterFlow"] = nfvi_guides.AutoSylvesterFlow
+if hasattr(pyro_nfvi, "AutoHamiltonianFlow"):  # AutoPlanarFlow + 4 leapfrog steps
+    GUIDES["AutoHamiltonianFlow"] = functools.partial(pyro_nfvi.AutoHamiltonianFlow, num_steps=4)
 
 FALLBACK_SETTINGS: Dict[str, Any] = {
     "num_steps": 1000, "lr": 0.01, "lr_end": 0.001, "num_particles": 1, "clip_norm": 10.0,
@@ -143,7 +145,7 @@ def make_loss(settings: Dict[str, Any]) -> pyro.infer.ELBO:
 def train(model: Callable, guide: Any, args: tuple, settings: Dict[str, Any]) -> List[float]:
     """Train ``guide`` in place (see the module docstring for which loop) and return losses."""
     n = int(settings["num_steps"])
-    if isinstance(guide, nfvi_guides.AutoNormalizingFlow):
+    if isinstance(guide, (nfvi_guides.AutoNormalizingFlow, getattr(pyro_nfvi, "AutoHamiltonianFlow", ()))):
         if settings["use_fit_defaults"]:
             return pyro_nfvi.fit(model, guide, *args, num_steps=n, progress=False)
         return pyro_nfvi.fit(model, guide, *args, num_steps=n, progress=False,

@@ -10,6 +10,7 @@ import importlib
 
 from . import diagnostics, guides, helpers, infer, targets, testing, transforms
 from .guides import AutoNormalizingFlow, AutoPlanarFlow, AutoRadialFlow, AutoSylvesterFlow
+from .hamiltonian_guide import AutoHamiltonianFlow
 from .helpers import (
     conditional_planar,
     conditional_planar_flow,
@@ -31,6 +32,7 @@ from .importance import ImportanceWarning, WeightedPosterior, importance_sample
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutoHamiltonianFlow",
     "AutoNormalizingFlow",
     "AutoPlanarFlow",
     "AutoRadialFlow",

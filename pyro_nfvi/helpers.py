@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 from pyro.nn import DenseNN
 
 from .transforms._base import check_hidden_dims, check_input_dim
+from .transforms.hamiltonian import Hamiltonian
 from .transforms.planar import (
     ConditionalPlanar,
     ConditionalStackedPlanar,
@@ -49,6 +50,7 @@ __all__ = [
     "conditional_sylvester",
     "sylvester_flow",
     "conditional_sylvester_flow",
+    "hamiltonian",
 ]
 
 
@@ -249,3 +251,16 @@ def conditional_sylvester_flow(
     return ConditionalStackedSylvester(
         hypernet, D, K, bottleneck=M, kind=kind, num_householder=num_householder
     )
+
+
+def hamiltonian(input_dim: int, potential, num_steps: int = 4, **kwargs) -> Hamiltonian:
+    """A :class:`~pyro_nfvi.transforms.Hamiltonian`: ``num_steps`` learnable leapfrog
+    steps (with tempering) on the phase space ``[z, ω]`` of size ``2 * input_dim``, for
+    the potential ``z -> U(z) = -log p̃(z)``; ``kwargs`` as the class.
+
+    >>> import torch
+    >>> h = hamiltonian(2, lambda z: 0.5 * z.square().sum(-1), num_steps=3)
+    >>> h(torch.zeros(5, 4)).shape
+    torch.Size([5, 4])
+    """
+    return Hamiltonian(input_dim, potential, num_steps, **kwargs)

@@ -1,5 +1,6 @@
 """Flow transforms with exact log-determinants and exact inverses of any point."""
 
+from .hamiltonian import Hamiltonian, PhaseSpaceLift, PhaseSpaceTarget
 from .planar import (
     ConditionalPlanar,
     ConditionalStackedPlanar,
@@ -44,4 +45,7 @@ __all__ = [
     "ConditionedSylvester",
     "StackedSylvester",
     "Sylvester",
+    "Hamiltonian",
+    "PhaseSpaceLift",
+    "PhaseSpaceTarget",
 ]
