@@ -74,7 +74,7 @@ from ._validation import ArgumentError, check_int
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
 
-__all__ = ["TuneResult", "tune", "tune_density", "GUIDE_FAMILIES", "DENSITY_FAMILIES"]
+__all__ = ["TuneResult", "tune", "tune_density", "plot_search", "GUIDE_FAMILIES", "DENSITY_FAMILIES"]
 
 GUIDE_FAMILIES = ("planar", "radial", "sylvester")
 DENSITY_FAMILIES = ("planar", "radial")
@@ -242,7 +242,8 @@ class TuneResult:
 
 # ---------------------------------------------------------------------- search driver
 def _run_search(objective, direction, keep, rebuild, *, num_trials, timeout, seed, storage,
-                study_name, n_jobs, pruner, progress, verbose, worker_spec) -> TuneResult:
+                study_name, n_jobs, pruner, progress, verbose, worker_spec,
+                callbacks=None) -> TuneResult:
     optuna = _import_optuna()
     t0 = time.perf_counter()
     with _quiet_optuna(optuna, verbose):
@@ -259,7 +260,7 @@ def _run_search(objective, direction, keep, rebuild, *, num_trials, timeout, see
             _run_workers(worker_spec, study.study_name, n_jobs, num_trials, timeout, seed)
         else:
             bar = None
-            callbacks = []
+            callbacks = list(callbacks or [])
             if progress:
                 from .infer import tqdm
 
@@ -460,6 +461,7 @@ def tune(
     guide_kwargs: Optional[Dict[str, Any]] = None,
     progress: bool = False,
     verbose: bool = False,
+    callbacks: Optional[Sequence[Callable]] = None,
     **kwargs: Any,
 ) -> TuneResult:
     """Search the family, number of flows and learning rate of a flow autoguide.
@@ -492,6 +494,7 @@ def tune(
     :param guide_kwargs: extra keyword arguments of the guide (e.g. ``full_rank=True``).
     :param progress: a ``tqdm`` bar over trials.
     :param verbose: keep Optuna's per-trial log lines (default: errors only).
+    :param callbacks: Optuna callbacks ``f(study, frozen_trial)`` called after each trial.
     :returns: a :class:`TuneResult` (``best_params``, ``score``, ``guide``, ``study``).
     :raises ImportError: if Optuna is not installed (``pip install "pyro_nfvi[tune]"``).
     :raises RuntimeError: if no trial completed.
@@ -533,7 +536,7 @@ def tune(
         return _run_search(objective, "maximize", keep, rebuild, num_trials=num_trials,
                            timeout=timeout, seed=seed, storage=storage, study_name=study_name,
                            n_jobs=n_jobs, pruner=pruner, progress=progress, verbose=verbose,
-                           worker_spec=worker_spec)
+                           worker_spec=worker_spec, callbacks=callbacks)
 
 
 # ------------------------------------------------------------------------- densities
@@ -629,6 +632,7 @@ def tune_density(
     dim: int = 2,
     progress: bool = False,
     verbose: bool = False,
+    callbacks: Optional[Sequence[Callable]] = None,
     **fit_kwargs: Any,
 ) -> TuneResult:
     """Search the family (planar/radial), number of flows K and learning rate of a flow
@@ -690,7 +694,58 @@ def tune_density(
         return _run_search(objective, "minimize", keep, rebuild, num_trials=num_trials,
                            timeout=timeout, seed=seed, storage=storage, study_name=study_name,
                            n_jobs=n_jobs, pruner=pruner, progress=progress, verbose=verbose,
-                           worker_spec=worker_spec)
+                           worker_spec=worker_spec, callbacks=callbacks)
+
+
+def plot_search(results: Dict[str, TuneResult], title: Optional[str] = None):
+    """A figure of searches: one panel per entry of ``results`` (e.g. per target), every
+    trial at its ``(K, lr)`` (log axes), coloured by its final score; planar ``o``, radial
+    ``^``, Sylvester ``s``; pruned trials as grey ``+``, failed ones as red ``x``; the best
+    trial circled. Returns a :class:`matplotlib.figure.Figure` (no pyplot state)."""
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    markers = {"planar": "o", "radial": "^", "sylvester": "s"}
+    fig = Figure(figsize=(4.4 * len(results), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(results), squeeze=False)[0]
+    for ax, (name, res) in zip(axes, results.items()):
+        trials = res.study.trials
+        minimize = res.study.direction.name == "MINIMIZE"
+        done = [t for t in trials if t.state.name == "COMPLETE"]
+        values = [t.value for t in done]
+        norm = Normalize(min(values), max(values)) if values else None
+        sc = None
+        for fam, m in markers.items():
+            ts = [t for t in done if t.params.get("family") == fam]
+            if ts:
+                sc = ax.scatter([t.params["num_flows"] for t in ts], [t.params["lr"] for t in ts],
+                                c=[t.value for t in ts], cmap="viridis_r" if minimize else "viridis",
+                                norm=norm, marker=m, s=40, label=fam, edgecolors="k",
+                                linewidths=0.3)
+        for state, m, c in (("PRUNED", "+", "0.5"), ("FAIL", "x", "red")):
+            ts = [t for t in trials if t.state.name == state and "num_flows" in t.params]
+            if ts:
+                ax.scatter([t.params["num_flows"] for t in ts], [t.params["lr"] for t in ts],
+                           marker=m, c=c, s=40, label=state.lower())
+        bp = res.best_params
+        ax.scatter([bp["num_flows"]], [bp["lr"]], s=220, facecolors="none", edgecolors="red",
+                   linewidths=1.5, label="best")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("number of flows K")
+        ax.set_ylabel("learning rate")
+        ax.set_title(f"{name}: best {bp['family']} K={bp['num_flows']}, lr={bp['lr']:.2g}",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="best")
+        if sc is not None:
+            fig.colorbar(sc, ax=ax, label="final KL (nats)" if minimize else "IWAE (nats)")
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 class _CallableModule(types.ModuleType):
