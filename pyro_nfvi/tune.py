@@ -60,6 +60,7 @@ import numbers
 import sys
 import time
 import types
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -251,11 +252,14 @@ def _run_search(objective, direction, keep, rebuild, *, num_trials, timeout, see
             storage=storage,
             study_name=study_name,
             direction=direction,
-            # worker i of a parallel search samples from its own stream
-            sampler=optuna.samplers.TPESampler(seed=seed + _WORKER_INDEX),
             pruner=pruner,
             load_if_exists=study_name is not None,
         )
+        # the sampler's stream depends on the worker and on the trials already in the
+        # study, so that workers of a parallel search and a continued study do not repeat
+        # the suggestions of the first trials
+        sampler_seed = _derived_seed(seed, 3, _WORKER_INDEX, len(study.trials)) % 2**32
+        study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
         if n_jobs > 1:
             _run_workers(worker_spec, study.study_name, n_jobs, num_trials, timeout, seed)
         else:
@@ -390,9 +394,12 @@ def _fit_guide(model, args, kwargs, params, seed, base_seed, *, num_steps, num_p
                                        validation_seed(base_seed, k)))
 
         try:
-            fit(model, guide, *args, num_steps=num_steps, num_particles=num_particles,
-                optim=default_optim(num_steps, lr=params["lr"], lr_end=params["lr"] / 10),
-                progress=False, callback=callback, **kwargs)
+            with warnings.catch_warnings():
+                # Pyro warns before fit raises on the NaN; the trial records the failure
+                warnings.filterwarnings("ignore", message="Encountered NaN")
+                fit(model, guide, *args, num_steps=num_steps, num_particles=num_particles,
+                    optim=default_optim(num_steps, lr=params["lr"], lr_end=params["lr"] / 10),
+                    progress=False, callback=callback, **kwargs)
         except ValueError as e:
             if steps[0] == 0:
                 raise  # a bug in the model or its arguments: stop the whole search
