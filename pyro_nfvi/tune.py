@@ -44,9 +44,9 @@ Example::
     ...     with pyro.plate("data", len(x)):
     ...         pyro.sample("obs", dist.Normal(mu, 1.0).to_event(1), obs=x)
     >>> result = tune(model, torch.ones(5, 2), families=("planar",), num_flows=(2, 4),
-    ...               num_steps=20, num_trials=2, validation_particles=50)  # doctest: +SKIP
-    >>> sorted(result.best_params)  # doctest: +SKIP
-    ['family', 'lr', 'num_flows']
+    ...               num_steps=20, num_trials=2, validation_particles=50)
+    >>> sorted(result.best_params), result.num_complete
+    (['family', 'lr', 'num_flows'], 2)
 
 Reference: T. Akiba, S. Sano, T. Yanase, T. Ohta, M. Koyama. Optuna: A Next-generation
 Hyperparameter Optimization Framework. KDD 2019.

@@ -243,3 +243,30 @@ def test_cli_tune_bad_arguments_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
         main(["tune", *argv])
     assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_doctests():
+    import doctest
+
+    import pyro_nfvi.tune as module
+
+    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    assert result.attempted >= 3 and result.failed == 0
+
+
+def _picklable_model():
+    from benchmarks.suite_models import get_model
+
+    return get_model("banana")
+
+
+@pytest.mark.slow  # spawns processes; test_storage_continues_a_study covers the storage path
+def test_parallel_workers_share_the_study(tmp_path):
+    spec = _picklable_model()
+    url = f"sqlite:///{tmp_path / 'par.db'}"
+    result = tune(spec.model, *spec.args, **dict(FAST, num_trials=2), storage=url,
+                  study_name="par", n_jobs=2)
+    assert len(result.study.trials) == 4
+    assert sorted(t.user_attrs["seed"] for t in result.study.trials) == sorted(
+        train_seed(0, n) for n in range(4))
+    assert math.isfinite(result.score)
