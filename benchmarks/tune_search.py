@@ -2,13 +2,14 @@
 
 Usage (from the repository root; needs ``pip install "pyro_nfvi[tune]"``)::
 
-    python benchmarks/tune_search.py                 # both parts, ~10-15 min on 1 thread
+    python benchmarks/tune_search.py                 # both parts, small budgets (~5 min idle)
     python benchmarks/tune_search.py --part density --seeds 0 1 2 --density-steps 3000
+    python benchmarks/tune_search.py --part guide --guide-steps 1000 --trials 20 --compare-unpruned
     python benchmarks/tune_search.py --quick         # smoke run
 
 **(a) Energies U1-U4, same total wall time.** Per target and seed: the default
 ``fit_density`` (planar, K = 32, lr = 0.01; ``--density-steps`` steps instead of the
-12000 of the package default, to fit the run in minutes) is timed, and
+12000 of the package default, to fit the run in minutes on a shared machine) is timed, and
 ``tune_density`` gets the same wall time as its ``timeout`` (trials of a fifth of the steps;
 the trial running at the timeout finishes, so the search's actual time is printed too).
 Compared: ``KL(q‖p) ± se`` on 20000 fresh draws (a seed the search never used) of the default
@@ -19,10 +20,11 @@ K = 32, lr = 0.01 when the search cost is not counted).
 **(b) Posterior-suite models** (eight schools, logistic regression, banana). The default
 guide ``AutoPlanarFlow(model)`` (K = 16) fitted by ``fit`` (lr 0.01 → 0.001) against the best
 guide of ``tune`` over planar/radial/Sylvester, K in [2, 32], lr in [1e-3, 3e-2], with the
-same ``--guide-steps`` per trial. Compared: held-out IWAE ± se (4000 draws from a seed the
-search never used). The search runs twice with the same seed, with the median pruner and
-without (``NopPruner``): trials pruned, optimisation steps and wall time saved, and whether
-the best score suffered.
+same ``--guide-steps`` per trial. Compared: held-out IWAE ± se (``--eval-samples`` draws
+from a seed the search never used). Pruning: trials pruned, optimisation steps run, and the
+time saved (the steps each pruned trial did not run, at its measured time per step); with
+``--compare-unpruned`` the search also runs without pruning (``NopPruner``, same seed), to
+time it and to see whether the best score suffered.
 
 Timings are wall-clock on whatever machine runs this; compare them only within one run.
 """
@@ -98,7 +100,7 @@ def density_part(targets, seeds, steps, eval_samples, trial_steps):
     return rows
 
 
-def guide_part(names, steps, trials, val_particles, eval_samples, seed):
+def guide_part(names, steps, trials, val_particles, eval_samples, seed, compare_unpruned):
     from benchmarks.suite_models import get_model
 
     import optuna
@@ -106,7 +108,8 @@ def guide_part(names, steps, trials, val_particles, eval_samples, seed):
     print(f"\n(b) posterior suite: default AutoPlanarFlow (K=16, lr 0.01) vs tune() "
           f"({trials} trials of {steps} steps), held-out IWAE from {eval_samples} draws")
     header = (f"{'model':<14} {'default IWAE ± se':>19}  {'tuned IWAE ± se':>19}  "
-              f"{'chosen':<26} {'pruned':>6} {'steps run':>15} {'search s':>15} {'best, no pruning':>17}")
+              f"{'chosen':<27} {'pruned':>6} {'steps run':>10} {'search s':>8} {'saved s':>7}"
+              + (f" {'no pruning: s, best':>20}" if compare_unpruned else ""))
     print(header)
     print("-" * len(header))
     for name in names:
@@ -124,21 +127,26 @@ def guide_part(names, steps, trials, val_particles, eval_samples, seed):
         t0 = time.perf_counter()
         res = tune(spec.model, *args, **kw)
         t_pruned = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        res_np = tune(spec.model, *args, **kw, pruner=optuna.pruners.NopPruner())
-        t_nop = time.perf_counter() - t0
+        # time saved: each pruned trial's steps not run, at that trial's own rate
+        saved = sum(t.user_attrs["seconds"] / t.user_attrs["steps"] * (steps - t.user_attrs["steps"])
+                    for t in res.study.trials if t.state.name == "PRUNED")
+        extra = ""
+        if compare_unpruned:
+            t0 = time.perf_counter()
+            res_np = tune(spec.model, *args, **kw, pruner=optuna.pruners.NopPruner())
+            extra = f" {time.perf_counter() - t0:>10.0f}, {res_np.score:<8.3f}"
         with pyro.get_param_store().scope(), torch.random.fork_rng():
             torch.manual_seed(EVAL_SEED)
             mt = evaluate_guide(spec.model, res.guide, *args, num_samples=eval_samples)
         bp = res.best_params
         chosen = f"{bp['family']} K={bp['num_flows']} lr={bp['lr']:.3g}"
         print(f"{name:<14} {md['iwae']:>9.3f} ± {md['iwae_se']:<7.3f}  "
-              f"{mt['iwae']:>9.3f} ± {mt['iwae_se']:<7.3f}  {chosen:<26} "
+              f"{mt['iwae']:>9.3f} ± {mt['iwae_se']:<7.3f}  {chosen:<27} "
               f"{res.num_pruned:>3}/{len(res.study.trials):<2} "
-              f"{res.steps_run:>7}/{res_np.steps_run:<7} {t_pruned:>7.0f}/{t_nop:<7.0f} "
-              f"{res.score:>8.3f}/{res_np.score:<8.3f}", flush=True)
-    print("columns: pruned = pruned/all trials; steps run and search s = with/without pruning; "
-          "last = best validation IWAE with/without pruning")
+              f"{res.steps_run:>4}/{trials * steps:<5} {t_pruned:>8.0f} {saved:>7.0f}{extra}",
+              flush=True)
+    print("pruned = pruned/all trials; steps run = run/possible; saved s = the steps pruned "
+          "trials did not run, at each trial's measured time per step")
 
 
 def main(argv=None):
@@ -146,13 +154,15 @@ def main(argv=None):
     p.add_argument("--part", choices=["density", "guide", "both"], default="both")
     p.add_argument("--targets", nargs="+", default=["U1", "U2", "U3", "U4"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--density-steps", type=int, default=2000)
+    p.add_argument("--density-steps", type=int, default=400)
     p.add_argument("--models", nargs="+", default=["eight_schools", "logistic", "banana"])
-    p.add_argument("--guide-steps", type=int, default=200)
+    p.add_argument("--guide-steps", type=int, default=100)
     p.add_argument("--trials", type=int, default=8)
-    p.add_argument("--val-particles", type=int, default=500)
-    p.add_argument("--eval-samples", type=int, default=4000)
+    p.add_argument("--val-particles", type=int, default=300)
+    p.add_argument("--eval-samples", type=int, default=2000)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--compare-unpruned", action="store_true",
+                   help="also run each guide search without pruning (NopPruner)")
     p.add_argument("--quick", action="store_true", help="smoke run with tiny budgets")
     a = p.parse_args(argv)
     if a.quick:
@@ -167,7 +177,7 @@ def main(argv=None):
         density_part(a.targets, a.seeds, a.density_steps, 20000, max(a.density_steps // 5, 10))
     if a.part in ("guide", "both"):
         guide_part(a.models, a.guide_steps, a.trials, a.val_particles, a.eval_samples,
-                   a.seeds[0])
+                   a.seeds[0], a.compare_unpruned)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
 
 

@@ -258,7 +258,8 @@ def _run_search(objective, direction, keep, rebuild, *, num_trials, timeout, see
         # the sampler's stream depends on the worker and on the trials already in the
         # study, so that workers of a parallel search and a continued study do not repeat
         # the suggestions of the first trials
-        sampler_seed = _derived_seed(seed, 3, _WORKER_INDEX, len(study.trials)) % 2**32
+        worker = 0 if _WORKER_INDEX is None else _WORKER_INDEX
+        sampler_seed = _derived_seed(seed, 3, worker, len(study.trials)) % 2**32
         study.sampler = optuna.samplers.TPESampler(seed=sampler_seed)
         if n_jobs > 1:
             _run_workers(worker_spec, study.study_name, n_jobs, num_trials, timeout, seed)
@@ -278,6 +279,8 @@ def _run_search(objective, direction, keep, rebuild, *, num_trials, timeout, see
             finally:
                 if bar is not None:
                     bar.close()
+    if _WORKER_INDEX is not None:
+        return None  # a worker process: the parent reads the shared study
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     if not done:
         reasons = [t.user_attrs.get("fail_reason") for t in study.trials]
@@ -301,7 +304,7 @@ def _run_search(objective, direction, keep, rebuild, *, num_trials, timeout, see
                       study=study, seconds=time.perf_counter() - t0, _refit=refit)
 
 
-_WORKER_INDEX = 0  # set in worker processes of a parallel search only
+_WORKER_INDEX: Optional[int] = None  # set in worker processes of a parallel search only
 
 
 def _worker_main(spec: dict, study_name: str, num_trials, timeout, seed: int, index: int) -> None:
