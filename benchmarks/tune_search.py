@@ -2,7 +2,7 @@
 
 Usage (from the repository root; needs ``pip install "pyro_nfvi[tune]"``)::
 
-    python benchmarks/tune_search.py                 # both parts, small budgets (~5 min idle)
+    python benchmarks/tune_search.py                 # both parts, small budgets (~12 min, shared 2 cores)
     python benchmarks/tune_search.py --part density --seeds 0 1 2 --density-steps 3000
     python benchmarks/tune_search.py --part guide --guide-steps 1000 --trials 20 --compare-unpruned
     python benchmarks/tune_search.py --quick         # smoke run
@@ -73,8 +73,9 @@ def density_part(targets, seeds, steps, eval_samples, trial_steps):
                 with torch.no_grad():
                     md = evaluate_density(d.q, target, num_samples=eval_samples, seed=EVAL_SEED)
             t0 = time.perf_counter()
+            # another search seed per target (as the CLI does): other first candidates
             res = tune_density(target, num_steps=trial_steps, num_trials=None,
-                               timeout=t_default, seed=seed)
+                               timeout=t_default, seed=seed + 1000 * targets.index(name))
             t_tune = time.perf_counter() - t0
             with torch.no_grad():
                 mt = evaluate_density(res.guide.q, target, num_samples=eval_samples,
@@ -154,9 +155,9 @@ def main(argv=None):
     p.add_argument("--part", choices=["density", "guide", "both"], default="both")
     p.add_argument("--targets", nargs="+", default=["U1", "U2", "U3", "U4"])
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--density-steps", type=int, default=400)
+    p.add_argument("--density-steps", type=int, default=800)
     p.add_argument("--models", nargs="+", default=["eight_schools", "logistic", "banana"])
-    p.add_argument("--guide-steps", type=int, default=100)
+    p.add_argument("--guide-steps", type=int, default=200)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--val-particles", type=int, default=300)
     p.add_argument("--eval-samples", type=int, default=2000)

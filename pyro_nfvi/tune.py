@@ -365,10 +365,13 @@ def _make_guide(model, family: str, num_flows: int, guide_kwargs: dict):
 
 
 def _iwae(model, guide, args, kwargs, num_samples: int, seed: int) -> float:
-    from .diagnostics import evaluate_guide
+    """The IWAE bound on ``num_samples`` draws (the ``iwae`` of
+    :func:`~pyro_nfvi.diagnostics.evaluate_guide`, without its k-hat fit)."""
+    from .diagnostics import importance_log_weights, log_mean_exp
 
     with _seeded(seed), torch.no_grad():
-        return evaluate_guide(model, guide, *args, num_samples=num_samples, **kwargs)["iwae"]
+        lw = importance_log_weights(model, guide, *args, num_samples=num_samples, **kwargs)
+    return log_mean_exp(lw)[0]
 
 
 def _keep_if_best(keep: Dict[str, Any], trial, fitted, score: float, maximize: bool) -> None:
