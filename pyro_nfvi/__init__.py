@@ -64,10 +64,16 @@ __all__ = [
     "targets",
     "testing",
     "transforms",
+    "tune",
+    "tune_density",
 ]
 
 
 def __getattr__(name):
-    if name in ("plotting", "amortized"):
+    if name in ("plotting", "amortized", "tune"):
+        # ``tune`` is a callable module: ``pyro_nfvi.tune(model, ...)`` runs the search;
+        # it imports Optuna (the ``[tune]`` extra) only when called
         return importlib.import_module(f".{name}", __name__)
+    if name == "tune_density":
+        return importlib.import_module(".tune", __name__).tune_density
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,12 @@ Examples::
     python -m pyro_nfvi                                  # planar, K = 32, U1..U4
     python -m pyro_nfvi --flow radial --out radial.png
     python -m pyro_nfvi --targets U1 U3 --num-flows 16 --steps 2000 --seed 1
+
+``python -m pyro_nfvi tune``: search K, the family (planar/radial) and the learning rate
+per target with Optuna (:func:`pyro_nfvi.tune.tune_density`; needs the ``[tune]`` extra),
+print the best configuration and its KL per target and write a figure of the search::
+
+    python -m pyro_nfvi tune --targets U1 U2 U3 U4 --trials 20 --timeout 120 --out search.png
 """
 
 from __future__ import annotations
@@ -198,8 +204,123 @@ def _fit_parallel(jobs: List[dict], n_workers: int) -> List[dict]:
     return results
 
 
+def _lr(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a learning rate > 0, got {text!r}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a learning rate > 0, got {value}")
+    return value
+
+
+def build_tune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pyro_nfvi tune",
+        description="Search the number of flows K, the family and the learning rate that "
+        "reach the lowest KL(q||p) on U1-U4 with Optuna (TPE sampler, median pruning on the "
+        "KL of fresh draws during training). Needs the [tune] extra: "
+        'pip install "pyro_nfvi[tune]".',
+    )
+    p.add_argument("--targets", nargs="+", type=_target_name, default=sorted(TARGETS),
+                   metavar="U", help="targets to search (default: U1 U2 U3 U4)")
+    p.add_argument("--trials", type=_positive_int, default=20,
+                   help="trials per target (default: 20)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds per target after which no new trial starts (default: none)")
+    p.add_argument("--steps", type=_positive_int, default=2000,
+                   help="fit_density steps per trial (default: 2000)")
+    p.add_argument("--flows", nargs="+", choices=["planar", "radial"],
+                   default=["planar", "radial"], help="families searched (default: both)")
+    p.add_argument("--num-flows", "-K", nargs=2, type=_positive_int, default=[2, 64],
+                   metavar=("LOW", "HIGH"), help="range of K (default: 2 64)")
+    p.add_argument("--lr", nargs=2, type=_lr, default=[1e-3, 3e-2], metavar=("LOW", "HIGH"),
+                   help="range of the learning rate (default: 0.001 0.03)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="samples per step (default: fit_density's default)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.add_argument("--num-samples", type=_at_least_two, default=20000,
+                   help="fresh draws for the final KL of each best fit (default: 20000)")
+    p.add_argument("--out", default=None,
+                   help="figure path (default: pyro_nfvi_tune.png; rules as for the main "
+                   "command's --out)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch intra-op threads (default: 1)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def tune_main(argv: Sequence[str]) -> List[dict]:
+    """``python -m pyro_nfvi tune``: one search per target; returns a row per target."""
+    parser = build_tune_parser()
+    args = parser.parse_args(argv)
+    try:  # every check before any search
+        if args.timeout is not None and not args.timeout > 0:
+            raise ValueError(f"--timeout must be > 0 seconds, got {args.timeout}")
+        if args.num_flows[0] > args.num_flows[1] or args.lr[0] > args.lr[1]:
+            raise ValueError("--num-flows and --lr take LOW HIGH with LOW <= HIGH")
+        if args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        out = resolve_out("pyro_nfvi_tune.png" if args.out is None else args.out, "tune", 0)
+        from . import tune as tune_module
+
+        tune_module._import_optuna()
+    except (ValueError, ImportError) as e:
+        parser.error(str(e))
+    from .diagnostics import evaluate_density
+    from .infer import tqdm
+
+    torch.set_num_threads(args.threads)
+    kw = {} if args.batch_size is None else {"batch_size": args.batch_size}
+    total = len(args.targets) * args.trials
+    results, rows = {}, []
+    t_all = time.perf_counter()
+    with tqdm(total=total, disable=args.no_progress, desc="trials") as bar:
+        for name in args.targets:
+            bar.set_description(f"{name} trials")
+            t0 = time.perf_counter()
+
+            def tick(study, trial):
+                bar.update(1)
+                bar.set_postfix(state=trial.state.name.lower(), refresh=False)
+
+            res = tune_module.tune_density(
+                get_target(name), families=args.flows, num_flows=tuple(args.num_flows),
+                lr=tuple(args.lr), num_steps=args.steps, num_trials=args.trials,
+                timeout=args.timeout, seed=args.seed + 1000 * sorted(TARGETS).index(name),
+                callbacks=[tick], **kw)
+            # trials left out by --timeout: the bar still ends at its total
+            bar.update(args.trials - len(res.study.trials))
+            with torch.no_grad():  # on draws independent of the search's validation draws
+                m = evaluate_density(res.guide.q, get_target(name), num_samples=args.num_samples,
+                                     seed=args.seed + 7)
+            results[name] = res
+            rows.append(dict(target=name, **res.best_params, kl=m["kl"], kl_se=m["kl_se"],
+                             complete=res.num_complete, pruned=res.num_pruned,
+                             failed=res.num_failed, seconds=time.perf_counter() - t0))
+    header = (f"{'target':<7}{'family':<8}{'K':>4}  {'lr':>8}  {'KL (nats) ± se':>18}"
+              f"  {'done/pruned/failed':>18}  {'seconds':>7}")
+    print()
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['target']:<7}{r['family']:<8}{r['num_flows']:>4}  {r['lr']:>8.2g}  "
+              f"{r['kl']:>9.4f} ± {r['kl_se']:<6.4f}  "
+              f"{r['complete']:>6}/{r['pruned']}/{r['failed']:<7}  {r['seconds']:>7.1f}")
+    fig = tune_module.plot_search(results, title=f"search: {args.trials} trials of "
+                                  f"{args.steps} steps per target")
+    fig.savefig(out, dpi=80, format=os.path.splitext(out)[1][1:].lower())
+    print(f"\ntotal {time.perf_counter() - t_all:.1f} s wall; figure written to "
+          f"{os.path.abspath(out)}")
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
-    """Run the demo; returns one result dict per target (also printed as a table)."""
+    """Run the demo; returns one result dict per target (also printed as a table).
+    ``main(["tune", ...])`` runs the search instead (:func:`tune_main`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["tune"]:
+        return tune_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:  # every check before any fitting

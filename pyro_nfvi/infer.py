@@ -92,6 +92,7 @@ def fit(
     optim: Optional[pyro.optim.PyroOptim] = None,
     loss: Optional[pyro.infer.ELBO] = None,
     progress: bool = True,
+    callback: Optional[Callable[[int, float], Any]] = None,
     **kwargs: Any,
 ) -> List[float]:
     """Run SVI for ``num_steps`` steps and return the loss history.
@@ -110,6 +111,9 @@ def fit(
     :param optim: a Pyro optimiser; default :func:`default_optim` ``(num_steps)``.
     :param loss: an ELBO; default ``Trace_ELBO(num_particles, vectorize_particles=True)``.
     :param progress: show a ``tqdm`` progress bar with the running loss.
+    :param callback: called as ``callback(step, loss)`` after every step (as in
+        :func:`fit_density`); an exception it raises stops the fit and propagates (how
+        :func:`pyro_nfvi.tune.tune` reports validation scores and prunes trials).
     :param kwargs: keyword arguments passed to model and guide at every step.
     :returns: list of the ``num_steps`` losses (floats).
     :raises FloatingPointError: if a loss or a gradient is NaN or infinite. The check runs
@@ -159,6 +163,8 @@ def fit(
             bar.update(1)
             if progress and (step % 10 == 0 or step == num_steps - 1):
                 bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+            if callback is not None:
+                callback(step, value)
     return history
 
 
