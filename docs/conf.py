@@ -112,3 +112,6 @@ html_theme = "sphinx_rtd_theme"
 html_title = f"pyro_nfvi {release}"
 html_show_sourcelink = False
 html_theme_options = {"navigation_depth": 3}
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+toc_object_entries = False  # every API entry has its own section title already
