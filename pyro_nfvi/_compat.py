@@ -22,6 +22,7 @@ __all__ = [
     "autoguide_setup_prototype",
     "compile_unavailable_errors",
     "functorch_transforms_active",
+    "import_torchvision",
     "tensor_version",
 ]
 
@@ -90,3 +91,35 @@ def autoguide_setup_prototype(guide, *args, **kwargs) -> None:
     from pyro.infer.autoguide import AutoGuide
 
     AutoGuide._setup_prototype(guide, *args, **kwargs)
+
+
+def import_torchvision():
+    """``import torchvision``, also where its C++ ops cannot load.
+
+    Why: torchvision's wheels on PyPI are CUDA builds. Next to a CPU build of torch (what
+    this project installs) their ops library fails to load, which torchvision tolerates,
+    but torchvision 0.28's ``_meta_registrations`` then registers fake kernels for
+    ``torchvision::nms`` and ``torchvision::qnms`` unconditionally and the import raises
+    ``RuntimeError: operator torchvision::nms does not exist``. The data sets this
+    package uses need no op: define the two schemas (``torch.library``, public) and import
+    again. Checked on torchvision 0.28.0 with torch 2.13.0+cpu.
+    """
+    import sys
+
+    try:
+        import torchvision
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        lib = torch.library.Library("torchvision", "FRAGMENT")
+        for op in ("nms", "qnms"):
+            if not hasattr(torch.ops.torchvision, op):
+                lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _TORCHVISION_LIBS.append(lib)  # a Library deregisters its ops when collected
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        import torchvision
+    return torchvision
+
+
+_TORCHVISION_LIBS: list = []

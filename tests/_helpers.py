@@ -25,3 +25,22 @@ def assert_stack_matches_composition(stack, layers, D, inv_atol=1e-12):
     assert torch.allclose(ladj_s, composed.log_abs_det_jacobian(x, y_c), atol=1e-12, rtol=0)
     y_new = torch.randn(20, D, dtype=torch.float64) * 3
     assert torch.allclose(stack._inverse(y_new), composed.inv(y_new), atol=inv_atol, rtol=0)
+
+
+def write_fake_mnist(root, num_train=120, num_test=40, seed=0):
+    """Write small random MNIST-format IDX files under ``root/MNIST/raw/`` (the layout
+    torchvision reads), so data-loading code runs without the real data; returns root."""
+    import struct
+    from pathlib import Path
+
+    raw = Path(root) / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    for prefix, n in (("train", num_train), ("t10k", num_test)):
+        images = torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8)
+        labels = torch.randint(0, 10, (n,), generator=gen, dtype=torch.uint8)
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            struct.pack(">IIII", 0x803, n, 28, 28) + images.numpy().tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            struct.pack(">II", 0x801, n) + labels.numpy().tobytes())
+    return root

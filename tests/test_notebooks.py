@@ -28,6 +28,8 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import write_fake_mnist
+
 nbformat = pytest.importorskip("nbformat")
 pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
@@ -151,8 +153,11 @@ def test_notebook_runs_short(path, tmp_path):
     t0 = time.perf_counter()
     # as tests/conftest.py does for this process: one intra-op thread for small tensors
     threads = os.environ.get("PYRO_NFVI_TEST_THREADS", "1")
+    # notebooks that read MNIST get small synthetic IDX files (no real data, no download)
+    data = write_fake_mnist(tmp_path / "data", num_train=600, num_test=1000)
     nb = execute.execute_notebook(copy, short=True, timeout=SHORT_CELL_TIMEOUT, cwd=tmp_path,
-                                  write=False, extra_env={"OMP_NUM_THREADS": threads})
+                                  write=False, extra_env={"OMP_NUM_THREADS": threads,
+                                                          "PYRO_NFVI_DATA": str(data)})
     print(f"{path.name}: {time.perf_counter() - t0:.1f} s in short mode")
     problems = execute.output_problems(nb)
     assert not problems, f"{path.name} (short mode) prints noise:\n" + "\n".join(problems)
