@@ -99,11 +99,11 @@ Example (one process here; ``devices=N, strategy="ddp"`` or ``torchrun`` for mor
 
 References:
 
-[1] Pyro, ``examples/svi_lightning.py``, https://github.com/pyro-ppl/pyro
-[2] S. Li et al. (2020), "PyTorch Distributed: Experiences on Accelerating Data Parallel
-    Training", VLDB. https://arxiv.org/abs/2006.15704
-[3] M. D. Hoffman, D. M. Blei, C. Wang, J. Paisley (2013), "Stochastic Variational
-    Inference", JMLR (the N/B scaling of a subsampled likelihood).
+* [1] Pyro, ``examples/svi_lightning.py``, https://github.com/pyro-ppl/pyro
+* [2] S. Li et al. (2020), "PyTorch Distributed: Experiences on Accelerating Data
+  Parallel Training", VLDB. https://arxiv.org/abs/2006.15704
+* [3] M. D. Hoffman, D. M. Blei, C. Wang, J. Paisley (2013), "Stochastic Variational
+  Inference", JMLR (the N/B scaling of a subsampled likelihood).
 """
 
 from __future__ import annotations

@@ -294,7 +294,7 @@ TARGETS: Dict[str, Target] = {
     "U4": Target("U4", U4, description="sine ridge and a sigmoid-shifted copy"),
 }
 
-#: log Z(U1..U4) of the design document (6001² grid), for cross-checks.
+#: log Z(U1..U4) from a 6001² grid, for cross-checks.
 REFERENCE_LOG_Z: Dict[str, float] = {"U1": 1.8775, "U2": 2.1254, "U3": 2.6851, "U4": 2.7401}
 
 

@@ -28,6 +28,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
+import pyro_nfvi
 from pyro_nfvi import AutoPlanarFlow
 from pyro_nfvi.amortized import AmortizedFlow, AutoAmortizedFlow
 from pyro_nfvi.lightning import PyroLightningModule
@@ -441,3 +442,91 @@ def test_ddp_digits_benchmark_smoke():
     table = out.stdout.split(" N  steps")[1].splitlines()[1:3]
     assert [int(line.split()[0]) for line in table] == [1, 2]
     assert [int(line.split()[1]) for line in table] == [30, 15]  # 1500 rows, 50 per rank and step
+
+
+# ------------------------------------------------- two nodes on one machine (torchrun)
+# The README's "Launching on several nodes" command, run as written with 2 nodes of 1
+# process each on 127.0.0.1: two torchrun agents (node ranks 0 and 1) started side by side.
+_TORCHRUN_SCRIPT = '''
+import os, sys
+sys.path[:0] = [{tests_dir!r}, {package_root!r}]  # the pyro_nfvi the test process imports
+import torch
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+import test_lightning as T
+
+out_dir, max_epochs, ckpt = sys.argv[1], int(sys.argv[2]), (sys.argv[3] or None)
+torch.set_num_threads(1)
+torch.set_default_dtype(torch.float64)
+module, data = T.build("hand")
+rank = int(os.environ["RANK"])
+recorder = T.Recorder(os.path.join(out_dir, f"rank{{rank}}.pt"))
+trainer = pl.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp",
+                     precision="64-true", max_epochs=max_epochs, logger=False,
+                     callbacks=[recorder, ModelCheckpoint(dirpath=os.path.join(out_dir, "ckpt"),
+                                                          save_top_k=-1, every_n_epochs=1)],
+                     enable_progress_bar=False, enable_model_summary=False,
+                     default_root_dir=out_dir)
+trainer.fit(module, DataLoader(data, batch_size=T.B, shuffle=True), ckpt_path=ckpt)
+torch.save({{"steps": recorder.steps, "final": T._named(module, "param"),
+            "world": trainer.world_size, "node_rank": trainer.node_rank,
+            "global_rank": trainer.global_rank}}, os.path.join(out_dir, f"rank{{rank}}.pt"))
+'''
+
+
+def _torchrun_two_nodes(script, out_dir, max_epochs, ckpt_path=None, timeout=300):
+    """Start ``torchrun --nnodes 2 --nproc_per_node 1 --node_rank r`` for r = 0, 1 (the
+    README's command with 127.0.0.1 as ``<node0>``) and wait for both."""
+    os.makedirs(out_dir, exist_ok=True)
+    port = _free_port()
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    procs = []
+    for node_rank in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node_rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+               str(script), str(out_dir), str(max_epochs), ckpt_path or ""]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for node_rank, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"node {node_rank} exited with {p.returncode}:\n{out[-3000:]}"
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt")) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+def test_torchrun_two_nodes_agree_and_resume(tmp_path):
+    """README's multi-node launch as two nodes on one machine: both nodes finish, ranks
+    hold the same parameters after every step, and a run resumed from the first run's
+    epoch-0 checkpoint ends where the one-process run of all 6 steps ends."""
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    script = tmp_path / "train.py"
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(pyro_nfvi.__file__)))
+    script.write_text(_TORCHRUN_SCRIPT.format(tests_dir=tests_dir, package_root=package_root))
+    first = _torchrun_two_nodes(script, tmp_path / "first", max_epochs=1)
+    assert [(r["world"], r["node_rank"], r["global_rank"]) for r in first] == [(2, 0, 0), (2, 1, 1)]
+    ckpts = sorted(os.listdir(tmp_path / "first" / "ckpt"))
+    assert ckpts == ["epoch=0-step=3.ckpt"], ckpts
+    resumed = _torchrun_two_nodes(script, tmp_path / "resumed", max_epochs=2,
+                                  ckpt_path=str(tmp_path / "first" / "ckpt" / ckpts[0]))
+    assert [(r["world"], r["node_rank"]) for r in resumed] == [(2, 0), (2, 1)]
+    steps = list(zip(*[r["steps"] for r in first])) + list(zip(*[r["steps"] for r in resumed]))
+    assert [len(r["steps"]) for r in first + resumed] == [3, 3, 3, 3]
+    for per_rank in steps:  # the nodes saw different rows but hold the same parameters
+        assert not torch.equal(per_rank[0]["idx"], per_rank[1]["idx"])
+        _assert_same_params(per_rank[0]["params"], per_rank[1]["params"])
+    _assert_same_params(first[0]["final"], first[1]["final"])
+    _assert_same_params(resumed[0]["final"], resumed[1]["final"])
+    # the resumed run continues from the checkpoint, not from scratch: it ends where the
+    # uninterrupted one-process run of the same 6 global batches ends
+    _, ref_params = _single_process_reference(steps)
+    _assert_same_params(first[0]["final"], ref_params[2], atol=1e-10)
+    _assert_same_params(resumed[0]["final"], ref_params[-1], atol=1e-10)

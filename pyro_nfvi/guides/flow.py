@@ -145,7 +145,7 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         parameters of an ``nn.Module`` are registered with Pyro) or a list of
         transforms that is composed in order.
     :param callable init_loc_fn: per-site initialisation of the location
-        :math:`\mu`. See :ref:`autoguide-initialization`. Default
+        :math:`\mu`. See Pyro's ``pyro.infer.autoguide.initialization``. Default
         :func:`~pyro.infer.autoguide.initialization.init_to_median`.
     :param init_scale: initial (unconstrained-space) standard deviation of every latent
         coordinate, > 0; or ``None`` (default): per coordinate, from the curvature of the

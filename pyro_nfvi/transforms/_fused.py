@@ -2,7 +2,7 @@
 
 A K-layer stack is latency-bound: with batch 256 and D = 2 every tensor op costs a few
 microseconds of dispatch whatever its size, and autograd about triples the op count.
-These ``autograd.Function``s take the packed raw parameters and compute the constrained
+These ``autograd.Function`` subclasses take the packed raw parameters and compute the constrained
 parameters, the K layers and the summed log-det in one node, with a closed-form backward.
 
 The kernels are written once against a small array namespace ``xp``. For CPU float32 /
@@ -452,18 +452,18 @@ _RADIAL = (_radial_forward, _radial_backward, _radial_plain)
 def stack_route(x: torch.Tensor, *params: torch.Tensor) -> str:
     """The one place that picks how a K-layer planar/radial stack runs.
 
-    ================  ===========================================================
-    route             when
-    ================  ===========================================================
-    ``"plain"``       batched parameters (a conditioned stack: no kernel), one
-                      layer (the plain ops are as cheap), ``x`` of another dtype,
-                      tracing / ``torch.compile`` / a ``torch.func`` transform or
-                      forward-mode AD (the kernels have no batching rule or jvp),
-                      or forced by :func:`forced_route` (a test hook)
-    ``"fused-numpy"`` otherwise, CPU float32/float64: the kernels on zero-copy NumPy
-                      views (a NumPy call costs ~0.5-1 µs, a torch op ~3 µs)
-    ``"fused-torch"`` otherwise (CUDA, MPS, half precision): the same kernels in torch
-    ================  ===========================================================
+    =================  ===========================================================
+    route              when
+    =================  ===========================================================
+    ``"plain"``        batched parameters (a conditioned stack: no kernel), one
+                       layer (the plain ops are as cheap), ``x`` of another dtype,
+                       tracing / ``torch.compile`` / a ``torch.func`` transform or
+                       forward-mode AD (the kernels have no batching rule or jvp),
+                       or forced by :func:`forced_route` (a test hook)
+    ``"fused-numpy"``  otherwise, CPU float32/float64: the kernels on zero-copy NumPy
+                       views (a NumPy call costs ~0.5-1 µs, a torch op ~3 µs)
+    ``"fused-torch"``  otherwise (CUDA, MPS, half precision): the same kernels in torch
+    =================  ===========================================================
 
     Measured gains of one reverse-KL training step (forward + backward) over the plain
     loop, K = 32, D = 2, 1 thread, a loaded 2-core CPU: planar ``fused-numpy`` x6 (batch
