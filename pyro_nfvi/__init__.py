@@ -10,7 +10,7 @@ import importlib
 
 from . import diagnostics, guides, helpers, infer, targets, testing, transforms
 from .guides import AutoNormalizingFlow, AutoPlanarFlow, AutoRadialFlow, AutoSylvesterFlow
-from .hamiltonian_guide import AutoHamiltonianFlow
+from .guides import AutoHamiltonianFlow
 from .helpers import (
     conditional_planar,
     conditional_planar_flow,

@@ -22,6 +22,7 @@ __all__ = [
     "autoguide_setup_prototype",
     "compile_unavailable_errors",
     "functorch_transforms_active",
+    "import_lightning_pytorch",
     "import_torchvision",
     "tensor_version",
 ]
@@ -123,3 +124,16 @@ def import_torchvision():
 
 
 _TORCHVISION_LIBS: list = []
+
+
+def import_lightning_pytorch():
+    """``import lightning.pytorch``, after :func:`import_torchvision` where torchvision is
+    installed: Lightning imports torchvision when it finds it, and would raise the error
+    that :func:`import_torchvision` works around."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        import_torchvision()
+    import lightning.pytorch as pl
+
+    return pl

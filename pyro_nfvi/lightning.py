@@ -113,8 +113,10 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import numpy as np
 import torch
 
+from ._compat import import_lightning_pytorch
+
 try:
-    import lightning.pytorch as pl
+    pl = import_lightning_pytorch()
 except ImportError as e:  # pragma: no cover - exercised by a test that hides lightning
     raise ImportError(
         "pyro_nfvi.lightning needs PyTorch Lightning (lightning>=2.0): "

@@ -7,6 +7,16 @@ import torch
 torch.set_num_threads(int(os.environ.get("PYRO_NFVI_TEST_THREADS", "1")))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+# PyPI's torchvision wheel (a CUDA build) cannot import next to CPU torch, and Lightning
+# imports torchvision when it is installed: the package's workaround, before any test
+# imports Lightning.
+from pyro_nfvi._compat import import_lightning_pytorch  # noqa: E402
+
+try:
+    import_lightning_pytorch()
+except ImportError:  # Lightning is optional; its tests say so themselves
+    pass
+
 
 @pytest.fixture(autouse=True)
 def _fresh_pyro_state():

@@ -12,7 +12,7 @@ from pyro.infer import Predictive, Trace_ELBO
 
 from pyro_nfvi.diagnostics import evaluate_guide
 from pyro_nfvi.guides import AutoNormalizingFlow, AutoPlanarFlow
-from pyro_nfvi.hamiltonian_guide import AutoHamiltonianFlow
+from pyro_nfvi.guides import AutoHamiltonianFlow
 from pyro_nfvi.importance import importance_sample
 from pyro_nfvi.infer import default_optim, fit
 

@@ -451,6 +451,7 @@ _TORCHRUN_SCRIPT = '''
 import os, sys
 sys.path[:0] = [{tests_dir!r}, {package_root!r}]  # the pyro_nfvi the test process imports
 import torch
+import pyro_nfvi.lightning  # imports Lightning the way the package does
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader

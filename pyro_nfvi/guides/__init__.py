@@ -15,14 +15,23 @@ The package, one concern per module:
 * ``placement`` — finding hierarchical sites and placing them (partial non-centring);
 * ``curvature`` — initial scales and centredness from the log joint's curvature;
 * ``prototype`` — the latent sites' layout from the model's trace, and its checks;
-* ``summaries`` — quantiles and medians.
+* ``summaries`` — quantiles and medians;
+* ``hamiltonian`` — :class:`AutoHamiltonianFlow`, a planar pre-flow refined by
+  Hamiltonian (leapfrog) layers that follow the model's own gradient.
 """
 
 from .families import AutoPlanarFlow, AutoRadialFlow, AutoSylvesterFlow
 from .flow import FULL_RANK_MAX_DIM, AutoNormalizingFlow  # noqa: F401
+from .hamiltonian import AutoHamiltonianFlow
 
 # where guides pickled before the split (pyro_nfvi/guides.py) find what they reference
 from .families import _make_planar_flow, _make_radial_flow  # noqa: F401
 from .posterior import _FlowPosterior  # noqa: F401
 
-__all__ = ["AutoNormalizingFlow", "AutoPlanarFlow", "AutoRadialFlow", "AutoSylvesterFlow"]
+__all__ = [
+    "AutoHamiltonianFlow",
+    "AutoNormalizingFlow",
+    "AutoPlanarFlow",
+    "AutoRadialFlow",
+    "AutoSylvesterFlow",
+]

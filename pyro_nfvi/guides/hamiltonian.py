@@ -5,6 +5,7 @@ Sejdinovic 2018)."""
 from __future__ import annotations
 
 import functools
+import math
 from typing import Callable, Dict, Optional
 
 import pyro
@@ -12,11 +13,11 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoGuide
-from pyro.infer.autoguide.utils import _product
 
-from ._validation import check_int
-from .guides import AutoNormalizingFlow, AutoPlanarFlow
-from .transforms.hamiltonian import Hamiltonian
+from .._validation import check_int
+from .families import AutoPlanarFlow
+from .flow import AutoNormalizingFlow
+from ..transforms.hamiltonian import Hamiltonian
 
 __all__ = ["AutoHamiltonianFlow"]
 
@@ -167,9 +168,9 @@ class AutoHamiltonianFlow(AutoGuide):
             mass = self._init_mass
         h = Hamiltonian(D, None, self.num_steps, init_mass=mass, **self._hmc_kwargs)
         h.coordinate_names = [
-            f"site '{name}'" + (f"[{j}]" if _product(shape) > 1 else "")
+            f"site '{name}'" + (f"[{j}]" if math.prod(shape) > 1 else "")
             for name, shape in base._unconstrained_shapes.items()
-            for j in range(_product(shape))
+            for j in range(math.prod(shape))
         ]
         self.hamiltonian = h.to(dtype=base.loc.dtype, device=base.loc.device)
 
