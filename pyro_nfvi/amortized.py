@@ -47,6 +47,7 @@ from pyro.infer.autoguide.guides import AutoGuide
 from pyro.infer.autoguide.utils import _product
 
 from ._validation import check_context, check_hidden_dims, check_int
+from .guides.posterior import _FlowPosterior
 from .transforms.planar import ConditionedStackedPlanar
 from .transforms.radial import ConditionedStackedRadial
 from .transforms.sylvester import ConditionedStackedSylvester, _unpack_triu
@@ -163,6 +164,10 @@ class AmortizedFlow(nn.Module):
     :param hidden_dims: hidden layer sizes of the parameter network (default: none,
         a linear map of the context).
     :param init_scale: the Gaussian scale when the network's scale output is zero.
+    :param bool stl: sticking-the-landing gradients (Roeder, Wu & Duvenaud 2017): the
+        ``log_prob`` of a sample drawn by ``rsample`` is exact but its gradient keeps only
+        the path term, dropping the zero-mean score term whose variance grows with the
+        number of layers. Default ``False`` (the plain reparameterised gradient).
     """
 
     def __init__(
@@ -173,8 +178,10 @@ class AmortizedFlow(nn.Module):
         flow: str = "planar",
         hidden_dims: Sequence[int] = (),
         init_scale: float = 1.0,
+        stl: bool = False,
     ) -> None:
         super().__init__()
+        self.stl = bool(stl)
         self.latent_dim = check_int(latent_dim, "latent_dim", 1)
         self.context_dim = check_int(context_dim, "context_dim", 1)
         self.num_flows, self.flow, hidden_dims, init_scale = _check_options(
@@ -261,7 +268,7 @@ class AmortizedFlow(nn.Module):
         ``context.shape[:-1]``, event shape ``(latent_dim,)``."""
         loc, scale, flow_params = self.params(context)
         transform = self._transform(flow_params)
-        if transform is None:
+        if transform is None and not self.stl:
             return dist.Normal(loc, scale).to_event(1)
         # The layers act on the standardised noise, then the affine map: a planar layer
         # conjugated by z = loc + scale * e is again a planar layer in z (u -> scale u,
@@ -270,7 +277,11 @@ class AmortizedFlow(nn.Module):
         # 112.4 vs 113.1 nats for layers applied to z directly, K = 16, 8 epochs).
         base = dist.Normal(torch.zeros_like(loc), torch.ones_like(scale)).to_event(1)
         affine = dist.transforms.AffineTransform(loc, scale, event_dim=1)
-        return dist.TransformedDistribution(base, [transform, affine])
+        # log q of a fresh sample comes from the forward pass (no inverse), and with
+        # stl=True its gradient is the sticking-the-landing surrogate
+        q = _FlowPosterior(base, [affine] if transform is None else [transform, affine])
+        q._standard_base, q._stl = True, self.stl
+        return q
 
 
 #: Alias of :class:`AmortizedFlow`.

@@ -51,7 +51,7 @@ def test_fused_matches_plain_values_and_gradients(variant, route):
     params = flow._params_tuple()
     x, gy, gl = _inputs()
     ref = _value_and_grads(stacked_sylvester_plain, x, params, gy, gl)
-    got = _value_and_grads(lambda x, p: fs.sylvester_stack_kernel(x, p, route), x, params, gy, gl)
+    got = _value_and_grads(lambda x, p: fs.sylvester_stack_kernel(x, p, stacked_sylvester_plain, route), x, params, gy, gl)
     assert torch.allclose(got[0], ref[0], atol=1e-9, rtol=0)
     assert torch.allclose(got[1], ref[1], atol=1e-9, rtol=0)
     assert len(got[2]) == len(ref[2])
@@ -76,7 +76,7 @@ def test_module_takes_the_kernel_and_gradcheck(variant):
         params += (None,)
 
     def f(x, *ps):
-        return fs.sylvester_stack_kernel(x, tuple(ps), FUSED_NUMPY)
+        return fs.sylvester_stack_kernel(x, tuple(ps), stacked_sylvester_plain, FUSED_NUMPY)
 
     assert torch.autograd.gradcheck(f, (x.clone().requires_grad_(),) + params)
 
@@ -94,7 +94,7 @@ def test_double_backward_matches_plain():
         return torch.autograd.grad((g * torch.linspace(-1, 1, D, dtype=x.dtype)).sum(), xr)[0]
 
     ref = hvp(stacked_sylvester_plain)
-    got = hvp(lambda x, p: fs.sylvester_stack_kernel(x, p, FUSED_NUMPY))
+    got = hvp(lambda x, p: fs.sylvester_stack_kernel(x, p, stacked_sylvester_plain, FUSED_NUMPY))
     assert ref.abs().max() > 1e-3 and torch.allclose(got, ref, atol=1e-9)
 
 

@@ -30,6 +30,7 @@ import torch
 
 from . import _fused
 from ._fused import FUSED_NUMPY, KERNEL_ROUTES, PLAIN, _kernel_for, _namespace, _to_torch
+from ._math import DIAG_BOUND, OFFDIAG_BOUND
 
 __all__ = ["sylvester_stack_kernel", "sylvester_stack_push_score"]
 
@@ -85,8 +86,6 @@ def _flip_odd(xp, a, axis):
 def _triangles(xp, R_raw, Rt_raw):
     """The bounded triangles of :func:`.sylvester.sylvester_triangles` and what their
     backward needs."""
-    from .sylvester import DIAG_BOUND, OFFDIAG_BOUND
-
     th_r = xp.tanh(R_raw.diagonal(0, -2, -1))
     th_s = xp.tanh(Rt_raw.diagonal(0, -2, -1))
     log_q = DIAG_BOUND * th_r
@@ -101,8 +100,6 @@ def _triangles(xp, R_raw, Rt_raw):
 
 
 def _triangles_backward(xp, saved, gR, gRt, gq):
-    from .sylvester import DIAG_BOUND
-
     th_r, th_s, rt, q, d, th_off_r, th_off_s = saved
     gRd, gRtd = gR.diagonal(0, -2, -1), gRt.diagonal(0, -2, -1)
     g_logq = gRd * q / rt + gq * q
@@ -215,7 +212,7 @@ class _SylvesterStack(torch.autograd.Function):
     differentiates it, as :class:`._fused._FusedStack` does."""
 
     @staticmethod
-    def forward(ctx, x, b, R, Rt, U, route):
+    def forward(ctx, x, b, R, Rt, U, route, plain):
         tensors = (x, b, R, Rt) + ((U,) if U is not None else ())
         xp, arrays = _namespace(route, *tensors)
         xa, ba, Ra, Rta = arrays[:4]
@@ -225,6 +222,7 @@ class _SylvesterStack(torch.autograd.Function):
         with np.errstate(all="ignore"):
             y, ladj, saved = _forward(xp, xa, ba, Ra, Rta, Ua)
         ctx.save_for_backward(*tensors)
+        ctx.plain = plain
         ctx.saved, ctx.arrays, ctx.shape, ctx.route, ctx.has_U = saved, (xa, ba, Ra, Rta, Ua), shape, route, U is not None
         return _to_torch(xp, _contig(xp, y).reshape(shape), ladj.reshape(shape[:-1]))
 
@@ -241,25 +239,23 @@ class _SylvesterStack(torch.autograd.Function):
         gx, gb, gR, gRt = _to_torch(xp, _contig(xp, gx).reshape(ctx.shape), gb, gR, gRt)
         if gU is not None:
             (gU,) = _to_torch(xp, gU)
-        return gx, gb, gR, gRt, gU, None
+        return gx, gb, gR, gRt, gU, None, None
 
 
 def _plain_backward(ctx, tensors, gy, gl):
     """Vector-Jacobian product of the plain autograd loop, with its graph kept."""
-    from .sylvester import stacked_sylvester_plain
-
     x, params = tensors[0], tuple(tensors[1:]) + ((None,) if not ctx.has_U else ())
     needs = ctx.needs_input_grad[:5]
     inputs = (x,) + params
     wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
     _fused._PLAIN_DEPTH += 1
     try:
-        y, ladj = stacked_sylvester_plain(x, params)
+        y, ladj = ctx.plain(x, params)
     finally:
         _fused._PLAIN_DEPTH -= 1
     grads = iter(torch.autograd.grad((y, ladj), wanted, (gy, gl), create_graph=True, allow_unused=True))
     out = [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
-    return tuple(out) + (None,)
+    return tuple(out) + (None, None)  # no gradient for route, plain
 
 
 def kernel_route(x: torch.Tensor, b: torch.Tensor, route: Optional[str]) -> str:
@@ -281,12 +277,14 @@ def sylvester_route(x: torch.Tensor, params) -> str:
     return _fused.stack_route(x, b)
 
 
-def sylvester_stack_kernel(x, params, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def sylvester_stack_kernel(x, params, plain, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, ladj)`` of a K-layer Sylvester stack from unbatched raw parameters ``(b (K, M),
     R (K, M, M), R_tilde (K, M, M), U (K, D, n) or None)`` (``None``: the triangular
-    kind); ``route``: one of :data:`._fused.KERNEL_ROUTES` (default: ``x``'s device)."""
+    kind); ``plain(x, params)``: the plain autograd loop, which a double backward
+    differentiates (passed in: this module sits below :mod:`.sylvester`); ``route``: one
+    of :data:`._fused.KERNEL_ROUTES` (default: ``x``'s device)."""
     b, R, Rt, U = params
-    return _SylvesterStack.apply(x, b, R, Rt, U, kernel_route(x, b, route))
+    return _SylvesterStack.apply(x, b, R, Rt, U, kernel_route(x, b, route), plain)
 
 
 def _push_layer(xp, z, s, At, Bt, b, q, W):

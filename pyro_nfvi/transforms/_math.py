@@ -14,6 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+#: Sylvester layers: ``log q_i`` and ``log R_tilde_ii`` lie in ``[-DIAG_BOUND, DIAG_BOUND]``,
+#: off-diagonals in ``(-OFFDIAG_BOUND, OFFDIAG_BOUND)`` (see :mod:`.sylvester`)
+DIAG_BOUND = 1.0
+OFFDIAG_BOUND = 10.0
 _SOFTPLUS_THRESHOLD = 20.0  # torch's default: softplus(a) = a above it
 
 

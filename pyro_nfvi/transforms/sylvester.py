@@ -103,7 +103,7 @@ from pyro.distributions.torch_transform import TransformModule
 from ._base import ConditionalFlow, ConditionedFlow, check_event, check_input_dim
 from ._fused import PLAIN
 from ._fused_sylvester import sylvester_route, sylvester_stack_kernel, sylvester_stack_push_score
-from ._math import planar_det, planar_log_det
+from ._math import DIAG_BOUND, OFFDIAG_BOUND, planar_det, planar_log_det
 from .planar import planar_solve
 
 __all__ = [
@@ -118,9 +118,6 @@ __all__ = [
 
 KINDS = ("orthogonal", "householder", "triangular")
 
-#: ``log q_i`` and ``log R_tilde_ii`` lie in ``[-DIAG_BOUND, DIAG_BOUND]`` (module docstring)
-DIAG_BOUND = 1.0
-OFFDIAG_BOUND = 10.0
 
 # (b, R, R_tilde, U) with U None for the triangular kind
 Params = Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]
@@ -272,7 +269,7 @@ def stacked_sylvester(x: torch.Tensor, params: Params) -> Tuple[torch.Tensor, to
     :func:`._fused.stack_route` says so (unbatched parameters), else the plain loop."""
     route = sylvester_route(x, params)
     if route != PLAIN:
-        return sylvester_stack_kernel(x, params, route)
+        return sylvester_stack_kernel(x, params, stacked_sylvester_plain, route)
     return stacked_sylvester_plain(x, params)
 
 
