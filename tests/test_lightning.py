@@ -24,6 +24,9 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.nn import PyroModule
 
+# first: the package imports Lightning past PyPI torchvision's CPU-torch import error
+# (this module is also imported by the DDP workers, which do not run conftest.py)
+import pyro_nfvi.lightning  # noqa: F401,I001
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset

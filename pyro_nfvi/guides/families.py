@@ -15,7 +15,6 @@ from ..transforms._base import check_input_dim
 from ..transforms.sylvester import KINDS
 from .flow import AutoNormalizingFlow
 
-__all__ = ["AutoPlanarFlow", "AutoRadialFlow", "AutoSylvesterFlow"]
 
 
 def _make_planar_flow(num_flows: int, compile: bool, latent_dim: int) -> Transform:

@@ -36,7 +36,6 @@ from .prototype import _arg_shapes, _hide_from_prototype, check_latent_shapes, l
 from .saving import _GuideSaving
 from .summaries import _GuideSummaries
 
-__all__ = ["AutoNormalizingFlow", "FULL_RANK_MAX_DIM"]
 
 #: largest latent dimension for which the default affine base is full rank
 FULL_RANK_MAX_DIM = 200

@@ -19,7 +19,6 @@ from .families import AutoPlanarFlow
 from .flow import AutoNormalizingFlow
 from ..transforms.hamiltonian import Hamiltonian
 
-__all__ = ["AutoHamiltonianFlow"]
 
 
 class AutoHamiltonianFlow(AutoGuide):
