@@ -28,14 +28,13 @@ def _by_hand_log_prob(q_net, context, value):
         else:
             layers = [ConditionedRadial((p1[i, k], p2[i, k], p3[i, k])) for k in range(q_net.num_flows)]
         for s in range(value.shape[0]):
-            # z = loc + scale * f(eps): undo the affine map, then the layers
-            y = (value[s, i] - loc[i]) / scale[i]
-            log_det = scale[i].log().sum()
+            y = value[s, i]
+            log_det = torch.zeros((), dtype=value.dtype)
             for layer in reversed(layers):
                 x = layer.inv(y)
                 log_det = log_det + layer.log_abs_det_jacobian(x, y)
                 y = x
-            base = dist.Normal(0.0, 1.0).log_prob(y).sum()
+            base = dist.Normal(loc[i], scale[i]).log_prob(y).sum()
             out[s, i] = base - log_det
     return out
 
