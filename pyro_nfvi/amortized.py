@@ -73,28 +73,6 @@ def _check_options(num_flows, flow, hidden_dims, init_scale) -> Tuple[int, str, 
     return num_flows, flow, hidden_dims, float(init_scale)
 
 
-# log(e - 1): softplus of it is 1, so a planar layer whose raw w·u is this has w·û = 0.
-_PLANAR_SHIFT = math.log(math.e - 1)
-
-
-def _identity_at_zero(u: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    r"""The raw ``u`` to hand the planar layers so that a zero network output is the
-    identity map.
-
-    The layers constrain ``u`` by :math:`\hat u = u + (\operatorname{softplus}(w^\top u)
-    - 1 - w^\top u)\, w / \|w\|^2` (Rezende & Mohamed 2015, App. A.1), so ``u = 0`` gives
-    :math:`w^\top \hat u = \log 2 - 1`: every layer then contracts by up to 31 % along
-    ``w`` and shifts by :math:`0.31 \tanh(b)/\|w\|`, and K such layers start the
-    posterior far from the Gaussian (log-det about :math:`-0.34 K`; measured: the K = 64
-    encoder started at -22 nats). Handing the layers :math:`u + \log(e - 1)\, w/\|w\|^2`
-    instead gives :math:`\hat u = u + (m(w^\top u) - w^\top u)\, w/\|w\|^2` with
-    :math:`m(a) = \operatorname{softplus}(a + \log(e - 1)) - 1 > -1`, :math:`m(0) = 0`:
-    the same family of invertible maps, with :math:`\hat u = 0` at :math:`u = 0`.
-    """
-    den = (w * w).sum(-1, keepdim=True).clamp_min(torch.finfo(w.dtype).eps ** 2)
-    return u + _PLANAR_SHIFT * w / den
-
-
 class AmortizedFlow(nn.Module):
     r"""An amortized normalizing-flow posterior: context :math:`\mapsto q(z \mid
     \text{context})`, a Gaussian followed by ``num_flows`` planar or radial layers whose
@@ -207,10 +185,9 @@ class AmortizedFlow(nn.Module):
             layers[-1].weight[2 * D :] *= 0.1
             layers[-1].bias[2 * D :] *= 0.1
         if flow == "planar" and K > 0:
-            # w = head output + a fixed unit vector per layer: u_hat depends on w through
-            # w / |w|^2, so a head output near w = 0 (common when D is small) would make
-            # u_hat and its gradient blow up (measured: NaN at D = 2). A local generator
-            # keeps the user's random stream alone.
+            # w = head output + a fixed unit vector per layer: each layer starts with a
+            # unit-slope tanh along a random direction instead of w ~ 0 (a translation);
+            # a local generator keeps the user's random stream alone
             gen = torch.Generator().manual_seed(0)
             w0 = torch.randn(K, D, generator=gen)
             self.register_buffer("_w_offset", w0 / w0.norm(dim=-1, keepdim=True), persistent=False)
@@ -242,7 +219,7 @@ class AmortizedFlow(nn.Module):
         if self.flow == "planar":
             bias, u, w = out[2:]
             u, w = u.unflatten(-1, (K, D)), w.unflatten(-1, (K, D)) + self._w_offset.to(w.dtype)
-            return loc, scale, (bias.unsqueeze(-1), _identity_at_zero(u, w), w)
+            return loc, scale, (bias.unsqueeze(-1), u, w)
         x0, alpha_prime, beta_prime = out[2:]
         return loc, scale, (x0.unflatten(-1, (K, D)), alpha_prime.unsqueeze(-1), beta_prime.unsqueeze(-1))
 

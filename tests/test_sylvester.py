@@ -17,6 +17,7 @@ from pyro_nfvi.transforms import (
     StackedSylvester,
     Sylvester,
 )
+from pyro_nfvi.transforms._math import PLANAR_U_SHIFT
 from pyro_nfvi.transforms.sylvester import DIAG_BOUND, householder_product, sylvester_triangles
 from _helpers import assert_stack_matches_composition, randomize_
 
@@ -143,8 +144,8 @@ def test_orthogonal_kind_reaches_any_stiefel_point():
 @pytest.mark.parametrize("D", [1, 3, 8])
 def test_bottleneck_one_is_a_planar_layer(D):
     """M = 1: y = x + Q R_11 tanh(R~_11 Q^T x + b) is the planar layer with w = R~_11 Q and
-    w.u_hat = R~_11 R_11 = q - 1: u = log(expm1(q)) w / |w|^2 (planar's constraint then
-    gives softplus(w.u) - 1 = q - 1), to 1e-12."""
+    w.u_hat = R~_11 R_11 = q - 1: u = (log(expm1(q)) - c) w / |w|^2 (planar's constraint
+    then gives softplus(w.u + c) - 1 = q - 1), to 1e-12."""
     gen = torch.Generator().manual_seed(D)
     b, R, Rt = (torch.randn(s, generator=gen, dtype=torch.float64) * 1.5 for s in [(1,), (1, 1), (1, 1)])
     U = torch.randn(D, 1, generator=gen, dtype=torch.float64)
@@ -152,7 +153,7 @@ def test_bottleneck_one_is_a_planar_layer(D):
     Q = householder_product(U, 1)[:, 0]
     _, Rt_full, q = sylvester_triangles(R, Rt)
     w = Rt_full[0, 0] * Q
-    u = torch.log(torch.expm1(q[0])) * w / (w @ w)
+    u = (torch.log(torch.expm1(q[0])) - PLANAR_U_SHIFT) * w / (w @ w)
     planar = ConditionedPlanar((b, u, w))
     x = torch.randn(100, D, generator=gen, dtype=torch.float64) * 3
     y_s, l_s = syl.call_and_ladj(x)

@@ -14,6 +14,7 @@ from _helpers import assert_stack_matches_composition, randomize_
 from pyro_nfvi import helpers
 from pyro_nfvi.testing import check_transform
 from pyro_nfvi.transforms.planar import planar_log_det, planar_u_hat
+from pyro_nfvi.transforms._math import PLANAR_U_SHIFT
 from pyro_nfvi.transforms import (
     ConditionedPlanar,
     ConditionedRadial,
@@ -85,7 +86,7 @@ def test_check_transform_catches_a_wrong_log_det():
 
 
 def _planar_with(wu, D=3, dtype=torch.float64, seed=0):
-    """A planar layer with w.u = wu exactly and ||w|| ~ 1.5."""
+    """A planar layer with q = 1 + w.u_hat = softplus(wu) exactly and ||w|| ~ 1.5."""
     gen = torch.Generator().manual_seed(seed)
     t = Planar(D).to(dtype)
     w = torch.randn(D, generator=gen, dtype=dtype)
@@ -94,7 +95,9 @@ def _planar_with(wu, D=3, dtype=torch.float64, seed=0):
     v = v - (v @ w) / (w @ w) * w  # orthogonal part, random size
     with torch.no_grad():
         t.w.copy_(w)
-        t.u.copy_(v + wu / (w @ w) * w)
+        # the constraint reads softplus(w.u + c), c = PLANAR_U_SHIFT: shift so that it
+        # sees wu, i.e. q = 1 + w.u_hat = softplus(wu)
+        t.u.copy_(v + (wu - PLANAR_U_SHIFT) / (w @ w) * w)
         t.bias.fill_(0.7)
     return t
 
@@ -137,6 +140,9 @@ def test_same_map_as_pyro_builtin(cls):
     ours = randomize_(UNCONDITIONAL[cls](D), 1.5, seed=3).double()
     theirs = (pyro_T.Planar(D) if cls == "planar" else pyro_T.Radial(D)).double()
     theirs.load_state_dict(ours.state_dict())
+    if cls == "planar":  # ours reads softplus(w.u + c): Pyro's u is ours + c w / |w|^2
+        with torch.no_grad():
+            theirs.u.add_(PLANAR_U_SHIFT * ours.w / (ours.w @ ours.w))
     x = torch.randn(50, D, dtype=torch.float64) * 3
     y_ours, y_theirs = ours(x), theirs(x)
     assert torch.allclose(y_ours, y_theirs, atol=1e-12)
@@ -600,3 +606,28 @@ def test_run_compiled_falls_back_only_when_compile_is_unavailable(monkeypatch):
     with pytest.raises(ZeroDivisionError):
         flow.call_and_ladj(x)
     assert flow.compile is True
+
+
+@pytest.mark.parametrize("w_norm", [1e-3, 1e-6, 0.0])
+@pytest.mark.parametrize("D", [1, 3])
+def test_planar_step_stays_bounded_as_w_goes_to_zero(w_norm, D):
+    """With R&M's constraint (c = 0), u_hat -> (log 2 - 1) w / |w|^2 as w -> 0: a 1-D
+    guide whose w crossed zero moved its draws by 1e3 (u = 0.31, w = 2.4e-4 gave a shift
+    of -155 and a global scale of 1e-7). Here the step y - x stays within 1.4 |u|,
+    forward and inverse agree, and the fused stack matches the single layer."""
+    gen = torch.Generator().manual_seed(D)
+    u = torch.randn(D, generator=gen, dtype=torch.float64) * 0.3
+    w_dir = torch.randn(D, generator=gen, dtype=torch.float64)
+    w = w_norm * w_dir / w_dir.norm()
+    bias = torch.tensor([0.8], dtype=torch.float64)
+    layer = ConditionedPlanar((bias, u, w))
+    x = torch.randn(200, D, generator=gen, dtype=torch.float64) * 3
+    y, ladj = layer.call_and_ladj(x)
+    assert (y - x).norm(dim=-1).max() <= 1.4 * u.norm() + 1e-12
+    assert torch.isfinite(ladj).all() and ladj.abs().max() < 1e-2
+    assert (layer._inverse(y) - x).abs().max() < 1e-10
+    stack = StackedPlanar(D, 1).double()
+    with torch.no_grad():
+        stack.theta.copy_(torch.cat([u, w, bias])[None])
+    y_s, ladj_s = stack.call_and_ladj(x)
+    assert (y_s - y).abs().max() < 1e-12 and (ladj_s - ladj).abs().max() < 1e-12

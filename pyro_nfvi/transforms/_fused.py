@@ -36,6 +36,7 @@ from ._math import (
     maximum,
     planar_det,
     planar_stack_loop,
+    PLANAR_U_SHIFT,
     planar_u_hat_parts,
     radial_ab,
     radial_log_det,
@@ -146,9 +147,9 @@ def _planar_backward(xp, x, th, saved, gy, gl):
     if D >= _PLANAR_BASIS_MIN_D:
         return g_x, _planar_param_grad_large_d(xp, x, th, saved, gy, g, p, g_q)
     g_u_hat = p.T @ w + t @ gy
-    # back through û = u + coef w and q = softplus(a) s + (1 + a)(1 - s), a = w·u
+    # back through û = u + coef w and q = softplus(a + c) s + (1 + a)(1 - s), a = w·u
     # (the clamp of q at `tiny` never binds in practice and is ignored)
-    sig = softplus_grad(xp, wu)
+    sig = softplus_grad(xp, wu + PLANAR_U_SHIFT)
     g_coef = (g_u_hat * w).sum(1)[:, None]
     g_a = g_coef * (sig - 1) / den + g_q * (sig * s + 1 - s)
     floor = xp.finfo(x.dtype).eps ** 2
@@ -184,7 +185,7 @@ def _planar_param_grad_large_d(xp, x, th, saved, gy, g, p, g_q):
     w_gy = basis[K : 2 * K + N]
     gram = _mm(xp, w_gy, basis[K : 2 * K].T)  # (K + N, K): w_j·w_k and gy_n·w_k
     g_coef = ((p * gram[:K]).sum(0) + (t * gram[K:].T).sum(1))[:, None]
-    sig = softplus_grad(xp, wu)
+    sig = softplus_grad(xp, wu + PLANAR_U_SHIFT)
     g_a = g_coef * (sig - 1) / den + g_q * (sig * s + 1 - s)
     floor = xp.finfo(x.dtype).eps ** 2
     g_wn2 = xp.where(s == 1, -g_coef * coef / den, g_q * (sp - 1 - wu) / floor)

@@ -8,6 +8,8 @@ formulas.
 
 from __future__ import annotations
 
+import math
+
 from typing import Tuple
 
 import numpy as np
@@ -18,6 +20,10 @@ import torch.nn.functional as F
 #: off-diagonals in ``(-OFFDIAG_BOUND, OFFDIAG_BOUND)`` (see :mod:`.sylvester`)
 DIAG_BOUND = 1.0
 OFFDIAG_BOUND = 10.0
+#: ``c = log(e - 1)`` in the planar constraint ``û = u + (softplus(w·u + c) - 1 - w·u) w/‖w‖²``:
+#: ``softplus(c) = 1``, so ``u = 0`` gives ``û = 0`` and ``û`` stays bounded by ``|u|`` as
+#: ``w -> 0`` (R&M's ``c = 0`` gives ``û -> (log 2 - 1) w/‖w‖²``, unbounded; see planar.py)
+PLANAR_U_SHIFT = math.log(math.e - 1)
 _SOFTPLUS_THRESHOLD = 20.0  # torch's default: softplus(a) = a above it
 
 
@@ -49,17 +55,18 @@ def rowdot(xp, a, b):
 
 def planar_u_hat_parts(u, w, xp=torch):
     """``(u_hat, q, (a, sp, den, coef, s))`` with ``u_hat = u + coef w``,
-    ``coef = (softplus(a) - 1 - a) / den``, ``a = w·u``, ``den = max(‖w‖², eps²)``,
+    ``coef = (softplus(a + c) - 1 - a) / den``, ``a = w·u``, ``c = log(e - 1)``,
+    ``den = max(‖w‖², eps²)``,
     ``s = ‖w‖² / den`` and ``q = 1 + w·u_hat > 0``, all of shape ``(..., 1)`` but ``u_hat``.
     The extra parts are what the hand-written gradient needs.
 
     ``‖w‖²`` is floored at ``eps²`` so that ``w = 0`` gives ``u_hat = u`` (the map is
     then a translation and already invertible) instead of NaN; ``q`` is written without
-    cancellation, ``q = softplus(a) s + (1 + a)(1 - s)``.
+    cancellation, ``q = softplus(a + c) s + (1 + a)(1 - s)``; ``sp`` is ``softplus(a + c)``.
     """
     a = rowdot(xp, w, u)
     wn2 = rowdot(xp, w, w)
-    sp = softplus(xp, a)
+    sp = softplus(xp, a + PLANAR_U_SHIFT)
     den = maximum(xp, wn2, xp.finfo(wn2.dtype).eps ** 2)
     coef = (sp - 1 - a) / den
     s = wn2 / den  # 1 except where ‖w‖² < eps²

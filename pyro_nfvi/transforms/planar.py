@@ -3,10 +3,15 @@ r"""Planar flows (Rezende & Mohamed 2015, eq. 10 and App. A.1) with exact invers
 .. math::
 
     y = x + \hat u \tanh(w^\top x + b),\qquad
-    \hat u = u + \big(\operatorname{softplus}(w^\top u) - 1 - w^\top u\big)\frac{w}{\|w\|^2},
+    \hat u = u + \big(\operatorname{softplus}(w^\top u + c) - 1 - w^\top u\big)\frac{w}{\|w\|^2},
+    \qquad c = \log(e - 1),
 
-so that :math:`w^\top\hat u = \operatorname{softplus}(w^\top u) - 1 > -1` and the map is a
-bijection of :math:`\mathbb{R}^D`. With :math:`t = \tanh(w^\top x + b)`,
+so that :math:`w^\top\hat u = \operatorname{softplus}(w^\top u + c) - 1 > -1` and the map is
+a bijection of :math:`\mathbb{R}^D`. This is Rezende & Mohamed's constraint (App. A.1,
+:math:`c = 0`) applied to :math:`u + c\,w/\|w\|^2`: the same maps, parameterised so that
+:math:`u = 0` is the identity and :math:`\hat u` stays within about :math:`1.4\|u\|` as
+:math:`w \to 0` (with :math:`c = 0`, :math:`\hat u \approx (\log 2 - 1)\,w/\|w\|^2` there:
+a 1-D guide whose :math:`w` crossed zero shifted its draws by :math:`10^3`). With :math:`t = \tanh(w^\top x + b)`,
 
 .. math::
 
@@ -462,9 +467,8 @@ class StackedPlanar(LearnableStack, ConditionedStackedPlanar, TransformModule):
                 w = torch.randn_like(self.w)
                 w = w / w.norm(dim=-1, keepdim=True)
                 self.w.copy_(w)
-                # softplus(w.u) - 1 - w.u = 0 at w.u = log(e - 1), so u = log(e-1) w
-                # gives û = 0; a little noise breaks the symmetry between layers.
-                self.u.copy_(math.log(math.e - 1) * w + 0.01 * torch.randn_like(w))
+                # u = 0 gives û = 0; a little noise breaks the symmetry between layers
+                self.u.copy_(0.01 * torch.randn_like(w))
 
 
 class ConditionalStackedPlanar(ConditionalStackedFlow):
