@@ -67,6 +67,11 @@ Example::
 
 [2] Yuri Burda, Roger Grosse, Ruslan Salakhutdinov (2016). "Importance weighted
 autoencoders". ICLR.
+
+This module is longer than the package's other files (~760 lines) because the
+estimator, its result object (:class:`WeightedPosterior`, whose methods are most of the
+lines) and the PSIS call are one unit a reader follows top to bottom; the diagnostics it
+shares live in :mod:`pyro_nfvi.diagnostics`.
 """
 
 from __future__ import annotations

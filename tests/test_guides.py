@@ -426,8 +426,10 @@ def _compare_with_mvn(model, steps, num_flows, args=(), decay=0.1):
 @pytest.mark.parametrize("model", [banana, funnel], ids=["banana", "funnel"])
 def test_planar_beats_mvn_on_non_gaussian_posterior(model):
     mvn, flow = _compare_with_mvn(model, steps=300, num_flows=16)
-    # both targets are normalised, so ELBO <= 0; ~0.3 nats gained in 300 steps
-    assert mvn < 0 and flow < 0
+    # both targets are normalised, so ELBO <= 0 up to the 2000-draw estimate's noise
+    # (~1e-3 nats when q is nearly exact: the banana flow reaches +0.0003); ~0.3 nats
+    # gained in 300 steps
+    assert mvn < 0.01 and flow < 0.01
     assert flow > mvn + 0.1, (flow, mvn)
 
 

@@ -55,7 +55,7 @@ def _exact_guide(stl):
         w = torch.randn(4, 3)
         w = w / w.norm(dim=-1, keepdim=True)
         theta[:, 3:6] = w
-        theta[:, :3] = torch.log(torch.expm1(torch.tensor(1.0))) * w  # û = 0
+        theta[:, :3] = 0.0  # u = 0: û = 0
         theta[:, 6] = torch.randn(4)
     return guide
 

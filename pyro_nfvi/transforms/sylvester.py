@@ -88,6 +88,10 @@ row, no inverse of the flow.
 
 Reference: R. van den Berg, L. Hasenclever, J. M. Tomczak, M. Welling. Sylvester
 Normalizing Flows for Variational Inference. UAI 2018, arXiv:1803.05649.
+
+This file holds one family, as Pyro's ``transforms/*.py`` do (~720 lines): the three
+``Q`` kinds, the bounded triangles, the exact inverse by back substitution and the
+conditional variants share every formula; the fused kernel is in :mod:`._fused_sylvester`.
 """
 
 from __future__ import annotations
