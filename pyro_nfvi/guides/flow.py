@@ -167,10 +167,13 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         through their inverses). Works with every ELBO of Pyro that scores the guide's
         sample with ``log_prob`` (``Trace_ELBO``, ``JitTrace_ELBO``, vectorised particles).
     :param centered: how hierarchical sites are parameterised. A *hierarchical* site is a
-        Normal or LogNormal site whose prior loc or scale depends on another latent site
-        (found automatically, the sites that make funnels, e.g. ``theta ~ N(mu, tau)``).
+        Normal, LogNormal or MultivariateNormal site whose prior loc or scale depends on
+        another latent site (found automatically, the sites that make funnels, e.g.
+        ``theta ~ N(mu, tau)``, or an AR(1) latent series ``h ~ MVN(mu, L(phi, sigma))``).
         The flow draws a coordinate :math:`x` for it and the guide places the site at
-        :math:`(1 - c)\,\mathrm{loc} + \mathrm{scale}^{1 - c} x`, with loc and scale
+        :math:`(1 - c)\,\mathrm{loc} + \mathrm{scale}^{1 - c} x` (a MultivariateNormal
+        site at :math:`(1 - c)\,\mathrm{loc} + L_c x` with a partially non-centred
+        Cholesky factor, see :func:`~pyro_nfvi.guides.placement.mvn_placement`), with loc and scale
         computed by the model's prior from the values placed before it (the partial
         non-centring of Gorinova, Moore & Hoffman 2020, applied inside the guide: the
         model is unchanged). ``None`` (default): ``c`` is learnable per coordinate,
