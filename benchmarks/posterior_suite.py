@@ -86,6 +86,11 @@ GUIDES: Dict[str, Callable[[Callable], Any]] = {
 }
 if hasattr(nfvi_guides, "AutoSylvesterFlow"):  # added by another engineer
     GUIDES["AutoSylvesterFlow"] = nfvi_guides.AutoSylvesterFlow
+if "base" in inspect.signature(nfvi_guides.AutoNormalizingFlow).parameters:
+    # the heavy-tailed base: Student-t coordinates with learnable degrees of freedom
+    GUIDES["AutoPlanarFlow-t"] = functools.partial(nfvi_guides.AutoPlanarFlow, base="studentt")
+    if "AutoSylvesterFlow" in GUIDES:
+        GUIDES["AutoSylvesterFlow-t"] = functools.partial(nfvi_guides.AutoSylvesterFlow, base="studentt")
 if hasattr(pyro_nfvi, "AutoHamiltonianFlow"):  # AutoPlanarFlow + 4 leapfrog steps
     GUIDES["AutoHamiltonianFlow"] = functools.partial(pyro_nfvi.AutoHamiltonianFlow, num_steps=4)
 

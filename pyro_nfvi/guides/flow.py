@@ -39,9 +39,16 @@ from .summaries import _GuideSummaries
 
 #: largest latent dimension for which the default affine base is full rank
 FULL_RANK_MAX_DIM = 200
+#: the base distributions of the ``base`` option
+BASES = ("normal", "studentt")
+#: initial degrees of freedom of the Student-t base (near-Gaussian: the step-0 guide is
+#: the curvature-initialised normal one, slightly wider in the tails)
+STUDENTT_INIT_DF = 10.0
 
 
-def _check_options(init_transform_fn, init_scale, centered) -> None:
+def _check_options(init_transform_fn, init_scale, centered, base) -> None:
+    if not isinstance(base, str) or base not in BASES:
+        raise ValueError(f"base must be one of {BASES}, got {base!r}")
     if centered is not None and (
         isinstance(centered, bool) or not isinstance(centered, numbers.Real)
         or not 0.0 <= centered <= 1.0
@@ -186,6 +193,8 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
 
     scale_constraint = constraints.softplus_positive
     scale_tril_constraint = constraints.unit_lower_cholesky
+    #: degrees of freedom of the Student-t base: > 1, so that its mean exists
+    df_constraint = constraints.greater_than(1.0)
     _prototype_hide_fn = staticmethod(_hide_from_prototype)
 
     def __init__(
@@ -198,9 +207,10 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         full_rank: Optional[bool] = None,
         stl: bool = True,
         centered: Optional[float] = None,
+        base: str = "normal",
         create_plates: Optional[Callable] = None,
     ) -> None:
-        _check_options(init_transform_fn, init_scale, centered)
+        _check_options(init_transform_fn, init_scale, centered, base)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._init_loc_fn = init_loc_fn  # to wrap a model re-attached after loading
         self._init_transform_fn = init_transform_fn
@@ -209,6 +219,7 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         self.full_rank = self._full_rank_option  # resolved at setup when None
         self.stl = bool(stl)
         self.centered = None if centered is None else float(centered)
+        self.base_kind = base
         self.create_plates = create_plates
         self.transform = None
         self._hierarchical: Dict[str, slice] = {}
@@ -238,6 +249,8 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         )
         if self.full_rank:
             self.scale_tril = PyroParam(eye_like(loc, self.latent_dim), self.scale_tril_constraint)
+        if getattr(self, "base_kind", "normal") == "studentt":
+            self.base_df = PyroParam(torch.full_like(loc, STUDENTT_INIT_DF), self.df_constraint)
         self.transform = build_flow(self._init_transform_fn, self.latent_dim, loc)
         self._setup_hierarchical(args, kwargs)
         self._arg_shapes = _arg_shapes(args, kwargs)
@@ -317,7 +330,12 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
 
     # ---------------------------------------------------------- distributions
     def get_base_dist(self) -> dist.TorchDistribution:
-        """The base distribution :math:`\\mathcal{N}(0, I_D)` (event dim 1)."""
+        """The base distribution (event dim 1): :math:`\\mathcal{N}(0, I_D)`, or with
+        ``base="studentt"`` independent Student-t coordinates
+        :math:`t_{\\nu_j}(0, 1)` with the learnable degrees of freedom ``base_df``."""
+        if getattr(self, "base_kind", "normal") == "studentt":
+            df = self.base_df
+            return dist.StudentT(df, torch.zeros_like(df), torch.ones_like(df)).to_event(1)
         loc = self.loc
         key = (loc.shape, loc.dtype, loc.device)
         cached = getattr(self, "_base_dist_cache", None)
@@ -366,11 +384,15 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         self._check_setup(*args, **kwargs)
         transforms = [self._flow(), self._affine()]
         base = self.get_base_dist()
+        standard = getattr(self, "base_kind", "normal") == "normal"
         cached = getattr(self, "_posterior_template", None)
-        if cached is None or cached.base_dist is not base:
+        if cached is None or cached._standard_base != standard or (
+                standard and cached.base_dist is not base):
             cached = _FlowPosterior(base, transforms)
-            cached._standard_base = True
+            cached._standard_base = standard
             cached.transforms = []  # holds no parameters: each call supplies its own
+            if not standard:  # nor the base: its degrees of freedom are parameters
+                cached.base_dist = None
             self._posterior_template = cached
         cached._stl = self.stl
-        return cached.with_transforms(transforms)
+        return cached.with_transforms(transforms, None if standard else base)
