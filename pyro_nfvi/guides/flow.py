@@ -202,8 +202,10 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         log-density stays exact, :math:`\log q` gains the t log-density in place of the
         normal one, sticking the landing pushes the t score
         :math:`-(\nu_j + 1)\epsilon_j/(\nu_j + \epsilon_j^2)`, and :math:`\nu` is trained
-        through the reparameterised t draw. Costs about 1.3x per step (the t draw). Measured
-        on the posterior suite (``benchmarks/results/tails_*.txt``).
+        through the reparameterised t draw. Opt-in: on the README's two-site example it
+        lowers :math:`\hat k` at the same ELBO, but on the posterior suite (stochastic
+        volatility, horseshoe, banana) it did not lower :math:`\hat k` below 0.7 and, from
+        10 degrees of freedom, lost ELBO on two of them (``benchmarks/results/tails.md``).
     :param callable create_plates: as in :class:`~pyro.infer.autoguide.AutoGuide`.
     """
 
