@@ -49,7 +49,7 @@ def _prior_params(fn) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _conditional_scale(scale_tril: torch.Tensor) -> torch.Tensor:
-    """The prior sd of each coordinate of ``N(loc, L L^T)`` given the others,
+    r"""The prior sd of each coordinate of ``N(loc, L L^T)`` given the others,
     :math:`1/\sqrt{(\Sigma^{-1})_{ii}}` with :math:`\Sigma^{-1} = L^{-T} L^{-1}` (the
     role a Normal site's scale plays in the initial centredness)."""
     eye = torch.eye(scale_tril.shape[-1], dtype=scale_tril.dtype, device=scale_tril.device)
@@ -73,7 +73,7 @@ def _partial_factor(scale_tril: torch.Tensor, c: Optional[torch.Tensor]):
 def mvn_placement(loc: torch.Tensor, scale_tril: torch.Tensor, c: Optional[torch.Tensor],
                   x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Partial non-centring of a multivariate normal site :math:`h \sim
-    \mathcal{N}(\mu, LL^	op)`: ``(h, log|dh/dx|)`` per coordinate (summing it over the
+    \mathcal{N}(\mu, LL^\top)`: ``(h, log|dh/dx|)`` per coordinate (summing it over the
     last dimension gives the log-determinant) for the guide's coordinate ``x``.
 
     Write :math:`L = M\,\mathrm{diag}(d)` with :math:`d = \mathrm{diag}(L) > 0` and
