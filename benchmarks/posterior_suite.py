@@ -86,6 +86,11 @@ GUIDES: Dict[str, Callable[[Callable], Any]] = {
 }
 if hasattr(nfvi_guides, "AutoSylvesterFlow"):  # added by another engineer
     GUIDES["AutoSylvesterFlow"] = nfvi_guides.AutoSylvesterFlow
+if "base" in inspect.signature(nfvi_guides.AutoNormalizingFlow).parameters:
+    # the heavy-tailed base: Student-t coordinates with learnable degrees of freedom
+    GUIDES["AutoPlanarFlow-t"] = functools.partial(nfvi_guides.AutoPlanarFlow, base="studentt")
+    if "AutoSylvesterFlow" in GUIDES:
+        GUIDES["AutoSylvesterFlow-t"] = functools.partial(nfvi_guides.AutoSylvesterFlow, base="studentt")
 if hasattr(pyro_nfvi, "AutoHamiltonianFlow"):  # AutoPlanarFlow + 4 leapfrog steps
     GUIDES["AutoHamiltonianFlow"] = functools.partial(pyro_nfvi.AutoHamiltonianFlow, num_steps=4)
 
@@ -293,7 +298,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--eval-samples", type=int, default=4000)
     p.add_argument("--out", type=Path, default=None, help="JSON output (written after every fit)")
     p.add_argument("--quick", action="store_true", help="smoke run: 50 steps, seed 0, 200 eval draws")
+    p.add_argument("--studentt-init-df", type=float, default=None,
+                   help="initial degrees of freedom of the *-t guides' Student-t base")
     args = p.parse_args(argv)
+    if args.studentt_init_df is not None:
+        import pyro_nfvi.guides.flow as flow_module
+
+        flow_module.STUDENTT_INIT_DF = args.studentt_init_df
+        print("Student-t base: initial df", args.studentt_init_df, flush=True)
     for name in args.models:
         get_model(name)
     unknown = [g for g in args.guides if g not in GUIDES]

@@ -9,8 +9,8 @@ The package, one concern per module:
 
 * ``flow`` — :class:`AutoNormalizingFlow`: the autoguide contract, one sample end to end;
 * ``families`` — the planar / radial / Sylvester guides and their layer factories;
-* ``posterior`` — the variational distribution (``N(0, I)`` -> flow -> affine, ``log q``
-  in the same pass);
+* ``posterior`` — the variational distribution (``N(0, I)`` or Student-t -> flow -> affine,
+  ``log q`` in the same pass);
 * ``stl`` — the sticking-the-landing surrogate and the score push;
 * ``placement`` — finding hierarchical sites and placing them (partial non-centring);
 * ``curvature`` — initial scales and centredness from the log joint's curvature;

@@ -125,7 +125,7 @@ def inspect_model(model: Callable, prototype_trace, shapes: Dict[str, torch.Size
                   args, kwargs) -> Tuple[Dict[str, slice], Optional[torch.Tensor],
                                          Optional[torch.Tensor]]:
     """``(hierarchical, scale, centering)`` from one differentiable run of ``model`` at the
-    prototype values: the hierarchical sites (the Normal/LogNormal sites whose prior loc or
+    prototype values: the hierarchical sites (the Normal/LogNormal/MultivariateNormal sites whose prior loc or
     scale depends on another latent site, which make funnels; none if ``centered == 1``),
     each with its slice of the flat centredness vector, and the initial scales and
     centredness of :func:`init_from_curvature`. The model is not run when ``centered == 1``

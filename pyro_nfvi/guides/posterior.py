@@ -1,5 +1,6 @@
 """The guide's variational distribution: the flow it is built from, and :class:`_FlowPosterior`,
-the base ``N(0, I)`` pushed through ``[flow, affine]`` in one pass that also yields ``log q``."""
+the base (``N(0, I)``, or a Student-t with learnable degrees of freedom) pushed through
+``[flow, affine]`` in one pass that also yields ``log q``."""
 
 from __future__ import annotations
 
@@ -69,11 +70,14 @@ class _FlowPosterior(dist.TransformedDistribution):
     #: sticking-the-landing: score the sample with stopped parameters (set by the guide)
     _stl = False
 
-    def with_transforms(self, transforms) -> "_FlowPosterior":
-        """A copy with new transforms of the same shapes: skips the shape checks of
-        ``__init__`` (a guide calls this every step; only the parameters change)."""
+    def with_transforms(self, transforms, base_dist=None) -> "_FlowPosterior":
+        """A copy with new transforms (and base, if given) of the same shapes: skips the
+        shape checks of ``__init__`` (a guide calls this every step; only the parameters
+        change)."""
         new = copy.copy(self)
         new.transforms = transforms
+        if base_dist is not None:
+            new.base_dist = base_dist
         new.__dict__.pop("_nfvi_last", None)
         return new
 
@@ -109,11 +113,21 @@ class _FlowPosterior(dist.TransformedDistribution):
                 ladj = t.log_abs_det_jacobian(x, y)
             log_q = log_q - sum_rightmost(ladj, event_dim - t.codomain.event_dim)
             x = y
-        if self._stl and self._standard_base and x.requires_grad and torch.is_grad_enabled():
+        if self._stl and x.requires_grad and torch.is_grad_enabled():
             log_prob = lambda z: dist.TransformedDistribution.log_prob(self, z)  # noqa: E731
-            log_q = stl_log_q(parts, eps, x, log_q, log_prob)
+            log_q = stl_log_q(parts, eps, x, log_q, log_prob, self._base_score(eps))
         self._nfvi_last = (x, log_q)
         return x
+
+    def _base_score(self, eps: torch.Tensor):
+        """``∇_ε log q_0(ε)`` of the base at the noise ``eps`` (``None``: standard normal,
+        ``-ε``); by autograd through the base's ``log_prob`` in ``ε`` alone otherwise."""
+        if self._standard_base:
+            return None
+        x = eps.detach().requires_grad_()
+        with torch.enable_grad():
+            (score,) = torch.autograd.grad(self.base_dist.log_prob(x).sum(), x)
+        return score
 
     def sample(self, sample_shape=torch.Size()):
         with torch.no_grad():

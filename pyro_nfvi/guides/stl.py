@@ -35,18 +35,22 @@ def stl_log_q(
     z: torch.Tensor,
     log_q: torch.Tensor,
     log_prob: Callable[[torch.Tensor], torch.Tensor],
+    base_score: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     r"""``log q(z)`` with the gradient of sticking the landing (Roeder, Wu & Duvenaud
     2017): the value is unchanged, but its gradient is only the path term
     :math:`\nabla_z \log q_{\bar\phi}(z) \cdot \partial z / \partial\phi` — the
     score-function term, whose expectation is zero, is dropped.
 
-    ``z`` is the elementary transforms ``parts`` applied to the standard normal noise
-    ``eps``. The score :math:`\nabla_z \log q(z)` at the sample is pushed forward from
-    the base noise layer by layer (``push_score``: Sherman–Morrison for planar/radial, no
+    ``z`` is the elementary transforms ``parts`` applied to the base noise ``eps``, whose
+    score :math:`\nabla_\epsilon \log q_0(\epsilon)` is ``base_score`` (default: the
+    standard normal's, :math:`-\epsilon`; a Student-t base's is
+    :math:`-(\nu + 1)\epsilon/(\nu + \epsilon^2)`). The score :math:`\nabla_z \log
+    q(z)` at the sample is pushed forward from the base noise layer by layer (``push_score``: Sherman–Morrison for planar/radial, no
     inverse solve); if any part lacks it, the score is computed by autograd through
     ``log_prob`` (the transforms' inverses)."""
-    x, score = eps.detach(), -eps.detach()  # ∇ log N(ε; 0, I) = -ε
+    x = eps.detach()
+    score = -x if base_score is None else base_score.detach()  # ∇ log N(ε; 0, I) = -ε
     for t in parts:
         pushed = _push_score(t, x, score)
         if pushed is None:

@@ -49,7 +49,10 @@ def constrained_samples(guide, num_samples: int, args, kwargs) -> Dict[str, torc
         else:
             guide._check_args(args, kwargs)
         posterior = guide.get_posterior(*args, **kwargs)
-        eps = base_draws(num_samples, guide.latent_dim, guide.loc)
+        if posterior._standard_base:
+            eps = base_draws(num_samples, guide.latent_dim, guide.loc)
+        else:  # no inverse CDF of the Student-t in torch: pseudo-random, from the fixed seed
+            eps = posterior.base_dist.sample((num_samples,))
         z = posterior._push(eps, torch.zeros(eps.shape[:-1], dtype=eps.dtype, device=eps.device))
         # one vectorised pass of the whole guide, in a sample plate left of the model's
         nesting = max([-f.dim for f in guide._prototype_frames.values()], default=0)
@@ -101,7 +104,9 @@ class _GuideSummaries:
         scramblings, 1 to 20 dimensions, ``N = 1000``); a marginal that mixes many base
         coordinates (a strongly non-Gaussian flow) gains less. With the seed fixed, the
         error is a fixed offset, not noise: raise ``num_samples`` to
-        shrink it. Draws are mapped to
+        shrink it. With ``base="studentt"`` the base draws are pseudo-random from the same
+        fixed seed (the error of independent draws above, still reproducible and leaving
+        the global streams untouched). Draws are mapped to
         constrained space per site and quantiles are taken per coordinate. For
         sites whose support transform is elementwise and monotone (real,
         positive, interval, ...) this equals mapping unconstrained quantiles;
