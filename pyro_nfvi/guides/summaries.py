@@ -89,7 +89,7 @@ class _GuideSummaries:
     def quantiles(
         self, quantiles: Union[Sequence[float], torch.Tensor], *args, num_samples: int = 1000, **kwargs
     ) -> Dict[str, torch.Tensor]:
-        """
+        r"""
         Marginal posterior quantiles of each latent site, in constrained space.
 
         There is no closed form for a flow, so this is estimated from ``num_samples``
