@@ -137,3 +137,4 @@ def import_lightning_pytorch():
     import lightning.pytorch as pl
 
     return pl
+

@@ -199,13 +199,6 @@ def test_centering_is_trained():
     assert (after - before).abs().min() > 1e-4
 
 
-def test_get_transform_refuses_hierarchical_sites():
-    guide = AutoPlanarFlow(funnel)
-    guide()
-    with pytest.raises(NotImplementedError, match="centered=1.0"):
-        guide.get_transform()
-
-
 def test_median_and_quantiles_with_hierarchical_sites():
     guide = AutoPlanarFlow(funnel, centered=0.0)
     guide()

@@ -16,6 +16,8 @@ The package, one concern per module:
 * ``curvature`` — initial scales and centredness from the log joint's curvature;
 * ``prototype`` — the latent sites' layout from the model's trace, and its checks;
 * ``summaries`` — quantiles and medians;
+* ``neutra`` — the guide's transform through the placement, for NeuTra (flow-preconditioned
+  NUTS), and :class:`NeuTraReparam` for placements that depend on the model's arguments;
 * ``hamiltonian`` — :class:`AutoHamiltonianFlow`, a planar pre-flow refined by
   Hamiltonian (leapfrog) layers that follow the model's own gradient.
 """
@@ -23,6 +25,7 @@ The package, one concern per module:
 from .families import AutoPlanarFlow, AutoRadialFlow, AutoSylvesterFlow
 from .flow import FULL_RANK_MAX_DIM, AutoNormalizingFlow  # noqa: F401
 from .hamiltonian import AutoHamiltonianFlow
+from .neutra import NeuTraReparam
 
 # where guides pickled before the split (pyro_nfvi/guides.py) find what they reference
 from .families import _make_planar_flow, _make_radial_flow  # noqa: F401
@@ -34,4 +37,5 @@ __all__ = [
     "AutoPlanarFlow",
     "AutoRadialFlow",
     "AutoSylvesterFlow",
+    "NeuTraReparam",
 ]

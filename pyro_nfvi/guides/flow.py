@@ -30,6 +30,7 @@ from pyro.nn.module import PyroParam
 
 from .._compat import autoguide_setup_prototype
 from .curvature import _DEFAULT_INIT_SCALE, inspect_model
+from .neutra import PlacedFlowTransform, _arguments_in_placement, placement_arguments
 from .placement import place_latents
 from .posterior import _FlowPosterior, build_flow
 from .prototype import _arg_shapes, _hide_from_prototype, check_latent_shapes, latent_layout
@@ -189,8 +190,8 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         model is unchanged). ``None`` (default): ``c`` is learnable per coordinate,
         initialised at the shrinkage factor of the site (0: no data, a funnel becomes
         Gaussian; 1: data dominate); a float in [0, 1] fixes ``c``; ``1.0`` turns the
-        feature off (the flow acts on the model's own coordinates, as Pyro's guides do,
-        which :meth:`get_transform` and ``NeuTraReparam`` need).
+        feature off (the flow acts on the model's own coordinates, as Pyro's guides do).
+        Every value works with :meth:`get_transform` and ``NeuTraReparam``.
     :param str base: the base distribution of :math:`\epsilon`. ``"normal"`` (default):
         :math:`\mathcal{N}(0, I_D)`. ``"studentt"``: independent Student-t coordinates
         :math:`\epsilon_j \sim t_{\nu_j}(0, 1)` with learnable degrees of freedom
@@ -272,6 +273,14 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         self.transform = build_flow(self._init_transform_fn, self.latent_dim, loc)
         self._setup_hierarchical(args, kwargs)
         self._arg_shapes = _arg_shapes(args, kwargs)
+        # the model's arguments for get_transform(), which places the hierarchical sites
+        # by running the prior (not pickled: only the data of the first call); whether the
+        # placement depends on them is checked here, outside any model run (under Pyro's
+        # NeuTraReparam get_transform() is called from inside one)
+        self._placement_args = (args, kwargs)
+        if self._hierarchical:
+            self._nfvi_placement_check = (self._placement_args,
+                                          _arguments_in_placement(self, args, kwargs))
 
     def _setup_hierarchical(self, args, kwargs) -> None:
         """Find the hierarchical sites and set the initial scales and centredness (see
@@ -378,19 +387,44 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
 
     def get_transform(self, *args, **kwargs) -> Transform:
         """
-        The bijection from the base noise :math:`\\epsilon` to the
-        unconstrained latent :math:`z`: ``ComposeTransform([flow, affine])``.
-        Used e.g. by :class:`~pyro.infer.reparam.NeuTraReparam`.
+        The bijection from the base noise :math:`\\epsilon` to the packed unconstrained
+        latent vector, with its exact log-determinant; what
+        :class:`~pyro.infer.reparam.NeuTraReparam` runs NUTS through.
+
+        Without hierarchical sites: ``ComposeTransform([flow, affine])``. With them (the
+        default ``centered=None``): a :class:`~pyro_nfvi.guides.neutra.PlacedFlowTransform`,
+        flow, affine, then the placement of the hierarchical sites, which runs the model's
+        prior with ``args``, ``kwargs`` if given, else with the arguments of the guide's
+        first call (the data it was fitted to). A ``ValueError`` names the way out where
+        the placement depends on those arguments
+        (:class:`~pyro_nfvi.guides.NeuTraReparam`, which passes them).
+
+        Example (Pyro's NeuTra recipe, unchanged)::
+
+            >>> import torch, pyro, pyro.distributions as dist
+            >>> from pyro.infer import MCMC, NUTS
+            >>> from pyro.infer.reparam import NeuTraReparam
+            >>> from pyro_nfvi.guides import AutoPlanarFlow
+            >>> def funnel():
+            ...     y = pyro.sample("y", dist.Normal(0.0, 3.0))
+            ...     pyro.sample("x", dist.Normal(0.0, torch.exp(y / 2)).expand([2]).to_event(1))
+            >>> guide = AutoPlanarFlow(funnel, num_flows=2)
+            >>> guide()  # doctest: +ELLIPSIS
+            {...}
+            >>> neutra = NeuTraReparam(guide.requires_grad_(False))
+            >>> mcmc = MCMC(NUTS(neutra.reparam(funnel)), num_samples=5, warmup_steps=5,
+            ...             disable_progbar=True)
+            >>> mcmc.run()
+            >>> draws = neutra.transform_sample(mcmc.get_samples()["y_shared_latent"])
+            >>> draws["x"].shape
+            torch.Size([5, 2])
         """
         self._check_setup(*args, **kwargs)
-        if self._hierarchical:
-            raise NotImplementedError(
-                f"{type(self).__name__}.get_transform(): the sites "
-                f"{sorted(self._hierarchical)} are placed relative to their prior's loc and "
-                "scale, which is not one fixed transform of the latent vector. Construct "
-                "the guide with centered=1.0 to use it with NeuTraReparam."
-            )
-        return ComposeTransform([self._flow(), self._affine()])
+        parts = [self._flow(), self._affine()]
+        if not self._hierarchical:
+            return ComposeTransform(parts)
+        args, kwargs = placement_arguments(self, args, kwargs)
+        return PlacedFlowTransform(self, parts, args, kwargs)
 
     def get_posterior(self, *args, **kwargs) -> dist.TransformedDistribution:
         """

@@ -193,14 +193,22 @@ class _PlaceLatents(Messenger):
     values: a hierarchical site (a key of ``centering``) gets ``(1 - c) loc + scale^(1 - c)
     x`` (partial non-centring with centredness ``c``, Gorinova, Moore & Hoffman 2020; ``c =
     None`` means 0) from the loc and scale its prior has given the values placed before
-    it (a MultivariateNormal site: :func:`mvn_placement`); every other site gets ``x``. Then the support bijection of the site's prototype
-    distribution (``fns``). Records ``(value, log|d x / d value|)`` per site in ``placed``."""
+    it (a MultivariateNormal site: :func:`mvn_placement`); every other site gets ``x``. Then
+    the support bijection of the site's prototype distribution (``fns``). Records ``(value,
+    log|d x / d value|)`` per site in ``placed``; the unconstrained values in
+    ``unconstrained``; for the hierarchical sites the log of the placement's diagonal
+    Jacobian (``(1 - c) log scale``, triangular for a MultivariateNormal site) in ``log_jac``
+    and the prior's parameters the placement read in ``params``."""
 
     def __init__(self, xs: Dict[str, torch.Tensor], centering: Dict[str, Optional[torch.Tensor]],
-                 fns: Dict[str, object]) -> None:
+                 fns: Dict[str, object], densities: bool = True) -> None:
         super().__init__()
         self.xs, self.centering, self.fns = xs, centering, fns
+        self.densities = densities  # False: values only (``placed`` holds log-density None)
         self.placed: Dict[str, tuple] = {}
+        self.unconstrained: Dict[str, torch.Tensor] = {}
+        self.log_jac: Dict[str, torch.Tensor] = {}
+        self.params: Dict[str, tuple] = {}
 
     def _pyro_sample(self, msg) -> None:
         name = msg["name"]
@@ -210,7 +218,7 @@ class _PlaceLatents(Messenger):
         if name in self.centering and _loc_scale(msg["fn"]) is None:  # MultivariateNormal
             loc, scale_tril = _loc_scale_tril(msg["fn"])
             unconstrained, log_jac = mvn_placement(loc, scale_tril, self.centering[name], x)
-            value, log_density = to_site(self.fns[name], unconstrained, log_jac)
+            self.log_jac[name], self.params[name] = log_jac, (loc, scale_tril)
         elif name in self.centering:
             loc, scale = _loc_scale(msg["fn"])
             c = self.centering[name]
@@ -220,14 +228,58 @@ class _PlaceLatents(Messenger):
             else:
                 unconstrained = (1 - c) * loc + scale.pow(1 - c) * x
                 log_jac = (1 - c) * torch.log(scale)
-            value, log_density = to_site(self.fns[name], unconstrained,
-                                         log_jac.expand(unconstrained.shape))
+            log_jac = log_jac.expand(unconstrained.shape)
+            self.log_jac[name], self.params[name] = log_jac, (loc, scale)
         else:
-            value, log_density = to_site(self.fns[name], x)
+            unconstrained, log_jac = x, None
+        if self.densities:
+            value, log_density = to_site(self.fns[name], unconstrained, log_jac)
+        else:
+            value, log_density = biject_to(self.fns[name].support)(unconstrained), None
+        self.unconstrained[name] = unconstrained
         self.placed[name] = (value, log_density)
         msg["value"] = value
         msg["is_observed"] = True
         if len(self.placed) == len(self.xs):
+            raise _LatentsOnly
+
+
+class _UnplaceLatents(Messenger):
+    """The inverse of :class:`_PlaceLatents`: runs the model with the sites set from their
+    unconstrained values ``us`` and records in ``xs`` the guide's coordinate of each,
+    ``(u - (1 - c) loc) / scale^(1 - c)`` for a hierarchical site, ``u`` for the others."""
+
+    def __init__(self, us: Dict[str, torch.Tensor], centering: Dict[str, Optional[torch.Tensor]],
+                 fns: Dict[str, object]) -> None:
+        super().__init__()
+        self.us, self.centering, self.fns = us, centering, fns
+        self.xs: Dict[str, torch.Tensor] = {}
+
+    def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if msg["is_observed"] or name not in self.us:
+            return
+        u = self.us[name]
+        if name in self.centering and _loc_scale(msg["fn"]) is None:  # MultivariateNormal
+            loc, scale_tril = _loc_scale_tril(msg["fn"])
+            c = self.centering[name]
+            factor, _ = _partial_factor(scale_tril, c)
+            shift = loc if c is None else (1 - c) * loc
+            rhs = (u - shift).unsqueeze(-1)
+            factor = factor.expand(rhs.shape[:-2] + factor.shape[-2:])
+            self.xs[name] = torch.linalg.solve_triangular(factor, rhs, upper=False).squeeze(-1)
+        elif name in self.centering:
+            loc, scale = _loc_scale(msg["fn"])
+            c = self.centering[name]
+            if c is None:
+                self.xs[name] = (u - loc) / scale
+            else:
+                self.xs[name] = (u - (1 - c) * loc) / scale.pow(1 - c)
+        else:
+            self.xs[name] = u
+        msg["value"] = biject_to(self.fns[name].support)(u)
+        msg["is_observed"] = True
+        if len(self.xs) == len(self.us):
             raise _LatentsOnly
 
 

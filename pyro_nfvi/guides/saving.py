@@ -67,6 +67,8 @@ class _GuideSaving:
         model, master = self._model, self.master
         state = super().__getstate__()  # Pyro's: a copy without the model and master ...
         self._model, self.master = model, master  # ... which it also drops from self
+        for key in ("_placement_args", "_nfvi_placement_check"):
+            state.pop(key, None)  # the model's data: not part of a saved guide
         try:  # by reference: fails here for a lambda or closure, or when loading
             state["_nfvi_model_pickle"] = pickle.dumps(None if model is None else model[0])
         except Exception as e:  # noqa: BLE001 -- any failure only means "re-attach it"
