@@ -137,4 +137,3 @@ def import_lightning_pytorch():
     import lightning.pytorch as pl
 
     return pl
-
