@@ -62,8 +62,6 @@ from .placement import (_loc_scale, _loc_scale_tril, _PlaceLatents, _run_latents
                         _UnplaceLatents, mvn_placement)
 from .posterior import elementary_parts
 
-__all__ = ["NeuTraReparam", "PlacedFlowTransform"]
-
 
 def _push(parts: Sequence[Transform], x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, log|det dy/dx|)`` through ``parts`` (each on ``real_vector``), one pass each."""
