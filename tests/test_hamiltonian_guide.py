@@ -227,3 +227,22 @@ def test_bad_arguments():
         AutoHamiltonianFlow(model, num_steps=-1)
     with pytest.raises(TypeError, match="base"):
         AutoHamiltonianFlow(model, base=lambda x: None)
+
+
+def test_median_of_a_model_with_a_data_plate():
+    """The draws' plate goes left of the model's plates, observed sites' included (the
+    prototype trace has only latent sites: the draws' plate used to collide with "data",
+    a shape error at "obs"); the user's random stream is not consumed by finding them."""
+
+    def model(x):
+        loc = pyro.sample("loc", dist.Normal(0.0, 5.0))
+        scale = pyro.sample("scale", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("data", len(x)):
+            pyro.sample("obs", dist.Normal(loc, scale), obs=x)
+
+    x = torch.randn(20) + 1.0
+    guide = AutoHamiltonianFlow(model)
+    guide(x)
+    med = guide.median(x, num_samples=200)
+    assert med["loc"].shape == () and med["scale"].shape == ()
+    assert torch.isfinite(med["loc"]) and med["scale"] > 0

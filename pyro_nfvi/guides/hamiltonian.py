@@ -15,6 +15,7 @@ import torch
 from pyro.infer.autoguide import AutoGuide
 
 from .._validation import check_int
+from ..diagnostics import plate_nesting
 from .families import AutoPlanarFlow
 from .flow import AutoNormalizingFlow
 from ..transforms.hamiltonian import Hamiltonian
@@ -239,7 +240,11 @@ class AutoHamiltonianFlow(AutoGuide):
         num_samples = check_int(num_samples, "num_samples", 2)
         if self.prototype_trace is None:
             self._setup_prototype(*args, **kwargs)
-        nesting = max([-f.dim for f in self._prototype_frames.values()], default=0)
+        # the model's plates, observed sites' included (the prototype keeps only latent
+        # sites): the draws go to their left; replayed, so nothing is sampled
+        with poutine.block():
+            full = poutine.trace(poutine.replay(self.model, trace=self.prototype_trace)).get_trace(*args, **kwargs)
+        nesting = plate_nesting(full)
         with poutine.block(), pyro.plate("_nfvi_draws", num_samples, dim=-nesting - 1):
             values = self(*args, **kwargs)
         return {
