@@ -50,14 +50,6 @@ def _log_Z(A, y):
     return float(dist.MultivariateNormal(torch.zeros(N, dtype=y.dtype), cov).log_prob(y))
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _model_with_constraints():
     def model(x):
         loc = pyro.sample("loc", dist.Normal(0.0, 5.0))

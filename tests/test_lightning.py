@@ -335,12 +335,6 @@ def test_ddp_resume_equals_uninterrupted_ddp(tmp_path, guide_kind, seed_per_rank
 
 
 # ---------------------------------------------------------------- one process, no DDP
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def test_initialize_reports_unused_parameter(float64):

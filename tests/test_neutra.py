@@ -96,14 +96,6 @@ def _run_neutra(model, guide, args, warmup, samples, seed=0):
     return mcmc, {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _randomize_guide(guide, seed):
     """Move every parameter of a set-up guide far from its initialisation (centredness in
     (0.1, 0.9), so that the placement is non-trivial)."""
