@@ -23,6 +23,8 @@ the bounded triangles (elementwise) and ``Q = I - U T^{-1} U_{:M}^T``,
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Tuple
 
 import numpy as np
@@ -92,8 +94,9 @@ def _triangles(xp, R_raw, Rt_raw):
     rt = xp.exp(DIAG_BOUND * th_s)
     q = xp.exp(log_q)
     d = xp.expm1(log_q)
-    th_off_r = xp.tanh(xp.triu(R_raw, 1) / OFFDIAG_BOUND)
-    th_off_s = xp.tanh(xp.triu(Rt_raw, 1) / OFFDIAG_BOUND)
+    width = OFFDIAG_BOUND * math.sqrt(R_raw.shape[-1])  # see sylvester._bounded
+    th_off_r = xp.tanh(xp.triu(R_raw, 1) / width)
+    th_off_s = xp.tanh(xp.triu(Rt_raw, 1) / width)
     R = OFFDIAG_BOUND * th_off_r + _diag_embed(xp, d / rt)
     Rt = OFFDIAG_BOUND * th_off_s + _diag_embed(xp, rt)
     return R, Rt, q, (th_r, th_s, rt, q, d, th_off_r, th_off_s)
@@ -104,8 +107,9 @@ def _triangles_backward(xp, saved, gR, gRt, gq):
     gRd, gRtd = gR.diagonal(0, -2, -1), gRt.diagonal(0, -2, -1)
     g_logq = gRd * q / rt + gq * q
     g_rt = gRtd - gRd * d / (rt * rt)
-    g_R = xp.triu(gR, 1) * (1 - th_off_r * th_off_r) + _diag_embed(xp, g_logq * DIAG_BOUND * (1 - th_r * th_r))
-    g_Rt = xp.triu(gRt, 1) * (1 - th_off_s * th_off_s) + _diag_embed(
+    root_m = math.sqrt(gR.shape[-1])
+    g_R = xp.triu(gR, 1) * (1 - th_off_r * th_off_r) / root_m + _diag_embed(xp, g_logq * DIAG_BOUND * (1 - th_r * th_r))
+    g_Rt = xp.triu(gRt, 1) * (1 - th_off_s * th_off_s) / root_m + _diag_embed(
         xp, g_rt * rt * DIAG_BOUND * (1 - th_s * th_s)
     )
     return g_R, g_Rt

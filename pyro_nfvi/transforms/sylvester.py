@@ -30,7 +30,7 @@ upper entries give, with :math:`\beta` = ``DIAG_BOUND`` = 1 and :math:`\gamma` =
 
     \log q_i = \beta\tanh\rho_i,\quad \log\tilde R_{ii} = \beta\tanh\sigma_i,\quad
     R_{ii} = \frac{\operatorname{expm1}(\log q_i)}{\tilde R_{ii}},\quad
-    R_{ij}, \tilde R_{ij} = \gamma\tanh(\text{raw}_{ij}/\gamma)\ (j > i),
+    R_{ij}, \tilde R_{ij} = \gamma\tanh\bigl(\text{raw}_{ij}/(\gamma\sqrt M)\bigr)\ (j > i),
 
 so :math:`d_i = \tilde R_{ii}R_{ii} = q_i - 1` and every per-unit det factor
 :math:`t_i^2 + q_i(1 - t_i^2)` lies in :math:`[e^{-\beta}, e^{\beta}]` (a sum of positive
@@ -159,9 +159,12 @@ def _vecmat(v: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
 
 
 def _bounded(raw: torch.Tensor) -> torch.Tensor:
-    """Off-diagonal entries ``OFFDIAG_BOUND * tanh(raw / OFFDIAG_BOUND)``: the identity
-    for ``|raw| << OFFDIAG_BOUND``, never larger than ``OFFDIAG_BOUND``."""
-    return OFFDIAG_BOUND * torch.tanh(raw / OFFDIAG_BOUND)
+    """Off-diagonal entries ``OFFDIAG_BOUND * tanh(raw / (OFFDIAG_BOUND sqrt(M)))`` of
+    ``(..., M, M)`` raw values: ``raw / sqrt(M)`` for ``|raw| << OFFDIAG_BOUND``, never
+    larger than ``OFFDIAG_BOUND``. The ``1/sqrt(M)`` keeps one optimiser step (Adam moves
+    every raw entry by about the learning rate at once) from changing a row of ``M``
+    entries by ``M`` times the learning rate."""
+    return OFFDIAG_BOUND * torch.tanh(raw / (OFFDIAG_BOUND * math.sqrt(raw.shape[-1])))
 
 
 def sylvester_triangles(R_raw: torch.Tensor, Rt_raw: torch.Tensor):
