@@ -56,6 +56,28 @@ def test_float64_logdet_and_round_trip():
     assert float((h._call(h._inverse(y_new)) - y_new).abs().max()) < 1e-10
 
 
+def test_bounded_force_keeps_logdet_and_inverse_exact():
+    # with max_force the momentum kicks use c sqrt(M) tanh(grad U / (c sqrt M)): still shears,
+    # so log-det = tempering only and the inverse is exact, in a regime where the bound binds
+    D, K, c = 3, 4, 0.3
+    h = _randomized(Hamiltonian(D, _potential, num_steps=K, step_size=0.4, max_force=c), seed=2).double()
+    x = torch.randn(5, 2 * D, dtype=torch.float64) * 3
+    g = h.grad_potential(x[..., :D])
+    assert bool((g.abs() > c * h.mass.sqrt()).any())  # the bound binds here
+    y, ladj = h.call_and_ladj(x)
+    for i in range(x.shape[0]):
+        J = torch.autograd.functional.jacobian(lambda v: h.call_and_ladj(v)[0], x[i])
+        sign, logabsdet = torch.linalg.slogdet(J)
+        assert sign == 1 and abs(float(ladj[i].detach() - logabsdet)) < 1e-10
+    assert float((h._inverse(y) - x).abs().max()) < 1e-10
+    # and the map differs from the unbounded one (the option is not ignored)
+    free = Hamiltonian(D, _potential, num_steps=K, step_size=0.4).double()
+    free.load_state_dict(h.state_dict())
+    assert float((free._call(x) - y).abs().max()) > 1e-3
+    with pytest.raises(ValueError, match="max_force"):
+        Hamiltonian(D, _potential, max_force=-1.0)
+
+
 def test_volume_preserving_without_tempering():
     h = _randomized(Hamiltonian(2, _potential, num_steps=3, tempering=False)).double()
     x = torch.randn(4, dtype=torch.float64)

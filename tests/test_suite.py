@@ -220,3 +220,19 @@ def test_sylvester_guide_survives_its_first_steps_on_stochastic_volatility(seed)
     losses = [svi.step(*spec.args) for _ in range(30)]
     assert all(math.isfinite(v) for v in losses), losses
     assert min(losses[-10:]) < 1e4, losses
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hamiltonian_guide_survives_its_first_steps_on_stochastic_volatility(seed):
+    # the first draws sit where the log joint's gradient is ~1e4: an unbounded leapfrog kick
+    # moved phi out of (-1, 1) (an invalid AR(1) scale_tril raised at step 0 on both seeds)
+    import pyro_nfvi
+
+    spec = MODELS["stoch_vol"]
+    settings = dict(FALLBACK, num_steps=1000, num_particles=8)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = pyro_nfvi.AutoHamiltonianFlow(spec.model, num_steps=4)
+    svi = SVI(spec.model, guide, ps.make_optim(settings), ps.make_loss(settings))
+    losses = [svi.step(*spec.args) for _ in range(5)]
+    assert all(math.isfinite(v) for v in losses), losses

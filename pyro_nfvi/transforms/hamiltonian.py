@@ -18,6 +18,16 @@ Each of the three leapfrog updates is a shear (one block moves by a function of 
 other), so the leapfrog map preserves volume (log-det 0) and is inverted exactly by
 running the updates backwards; the tempering step has log-det :math:`D \log\alpha_k`.
 
+**Bounded force** (option ``max_force = c``): the momentum updates use
+:math:`f(z) = b \odot \tanh(\nabla U(z) / b)` with :math:`b = c\sqrt{M}` in place of
+:math:`\nabla U(z)`. The updates stay shears (the force depends on :math:`z` and the
+parameters only), so the map keeps log-det 0 and its exact inverse, and the auxiliary
+bound below stays a valid bound; only the dynamics are no longer exactly Hamiltonian where
+:math:`|\nabla U| \gtrsim c\sqrt M`. Near a posterior :math:`\nabla U \sim \sqrt M`
+(for :math:`M` the inverse posterior variance), so :math:`c = 10` rarely binds there; it
+binds at the wild draws of a guide's first steps, where an unbounded kick of
+:math:`\epsilon\nabla U` throws :math:`z` out of the model's support.
+
 Tempering follows Caterini et al.'s fixed quadratic schedule with a learnable initial
 inverse temperature :math:`\beta_0 \in (0, 1)`:
 
@@ -88,6 +98,9 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
         Caterini et al.'s quadratic schedule; ``False``: :math:`\beta_0 = 1`, no tempering.
     :param init_beta0: initial :math:`\beta_0` in ``(0, 1)``.
     :param init_mass: initial diagonal mass (a positive number or a ``(D,)`` tensor).
+    :param max_force: ``None`` (default): the force is :math:`\nabla U`; a positive number
+        ``c``: the bounded force :math:`c\sqrt{M}\tanh(\nabla U/(c\sqrt M))` (see the
+        module docstring).
 
     References: T. Salimans, D. P. Kingma, M. Welling. Markov Chain Monte Carlo and
     Variational Inference: Bridging the Gap. ICML 2015. A. L. Caterini, A. Doucet,
@@ -109,6 +122,7 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
         tempering: bool = True,
         init_beta0: float = 0.5,
         init_mass=1.0,
+        max_force: Optional[float] = None,
     ) -> None:
         super().__init__(cache_size=1)
         D = self.input_dim = check_input_dim(input_dim)
@@ -124,7 +138,10 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
         mass = torch.as_tensor(init_mass, dtype=torch.get_default_dtype()).expand(D).clone()
         if not bool((mass > 0).all() and torch.isfinite(mass).all()):
             raise ValueError("init_mass must be positive and finite")
+        if max_force is not None and not 0.0 < max_force < math.inf:
+            raise ValueError(f"max_force must be None or positive and finite, got {max_force}")
         self.potential = potential
+        self.max_force = None if max_force is None else float(max_force)
         self.max_step_size = float(max_step_size)
         self.tempering = bool(tempering)
         #: optional names of the D coordinates, for error messages (set by guides)
@@ -212,6 +229,15 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
             )
         return g
 
+    def force(self, z: torch.Tensor, step: str = "") -> torch.Tensor:
+        """The force of the momentum updates: :meth:`grad_potential`, bounded elementwise
+        by ``max_force * sqrt(M)`` when ``max_force`` is set (see the module docstring)."""
+        g = self.grad_potential(z, step)
+        if self.max_force is None:
+            return g
+        bound = self.max_force * (0.5 * self.log_mass).exp()
+        return bound * torch.tanh(g / bound)
+
     def _split(self, x: torch.Tensor, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
         x = check_event(x, 2 * self.input_dim, name, dtype=self.log_mass.dtype)
         return x[..., : self.input_dim], x[..., self.input_dim :]
@@ -220,11 +246,11 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
         """``(y, log|det dy/dx|)`` in one pass; ``K + 1`` evaluations of ``∇U``."""
         z, w = self._split(x, "x")
         eps, inv_mass, log_alpha = self.step_size, (-self.log_mass).exp(), self.log_alphas()
-        g = self.grad_potential(z, "at leapfrog step 1 (of {}) ".format(self.num_steps))
+        g = self.force(z, "at leapfrog step 1 (of {}) ".format(self.num_steps))
         for k in range(self.num_steps):
             w = w - 0.5 * eps[k] * g
             z = z + eps[k] * inv_mass * w
-            g = self.grad_potential(z, f"at the end of leapfrog step {k + 1} (of {self.num_steps}) ")
+            g = self.force(z, f"at the end of leapfrog step {k + 1} (of {self.num_steps}) ")
             w = w - 0.5 * eps[k] * g
             if log_alpha is not None:
                 w = w * log_alpha[k].exp()
@@ -237,13 +263,13 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
         z, w = self._split(y, "y")
         eps, inv_mass, log_alpha = self.step_size, (-self.log_mass).exp(), self.log_alphas()
         K = self.num_steps
-        g = self.grad_potential(z, f"inverting leapfrog step {K} (of {K}) ")
+        g = self.force(z, f"inverting leapfrog step {K} (of {K}) ")
         for k in reversed(range(K)):
             if log_alpha is not None:
                 w = w * (-log_alpha[k]).exp()
             w = w + 0.5 * eps[k] * g
             z = z - eps[k] * inv_mass * w
-            g = self.grad_potential(z, f"inverting leapfrog step {k + 1} (of {K}) ")
+            g = self.force(z, f"inverting leapfrog step {k + 1} (of {K}) ")
             w = w + 0.5 * eps[k] * g
         return torch.cat([z, w], -1)
 
@@ -256,7 +282,8 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
 
     def extra_repr(self) -> str:
         return (f"input_dim={self.input_dim}, num_steps={self.num_steps}, "
-                f"max_step_size={self.max_step_size}, tempering={self.tempering}")
+                f"max_step_size={self.max_step_size}, tempering={self.tempering}, "
+                f"max_force={self.max_force}")
 
 
 class PhaseSpaceLift(TransformModule):
