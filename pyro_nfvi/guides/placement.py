@@ -13,7 +13,10 @@ from torch.distributions import biject_to
 import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.distributions.util import sum_rightmost
+from pyro.infer.autoguide.initialization import InitMessenger
 from pyro.poutine.messenger import Messenger
+
+from .._compat import split_init_messenger
 
 
 def _unwrap(fn):
@@ -144,10 +147,16 @@ class _LatentsOnly(Exception):
 
 
 def _run_latents(messenger: Messenger, model: Callable, args, kwargs) -> None:
-    """Run ``model`` under ``messenger`` (blocked from outer handlers) up to its last
-    latent site."""
+    """Run ``model`` under ``messenger`` (blocked from outer handlers) up to the last
+    site ``messenger`` needs. A model wrapped in Pyro's ``InitMessenger`` (every
+    autoguide's ``model``) runs with ``messenger`` inside the wrapper: the sites it sets
+    skip the init strategy (which would draw prior samples only to be overwritten)."""
+    init_fn, inner = split_init_messenger(model)
+    fn = messenger(inner)
+    if init_fn is not None:
+        fn = InitMessenger(init_fn)(fn)
     try:
-        poutine.block(messenger(model))(*args, **kwargs)
+        poutine.block(fn)(*args, **kwargs)
     except _LatentsOnly:
         pass
 

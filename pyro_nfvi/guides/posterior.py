@@ -17,7 +17,7 @@ from pyro.distributions.transforms import ComposeTransformModule
 from pyro.distributions.util import sum_rightmost
 
 from ..transforms._base import LadjCacheMixin
-from .stl import stl_log_q
+from .stl import autograd_score, initial_score, push_score_through, stl_surrogate
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 
@@ -101,21 +101,35 @@ class _FlowPosterior(dist.TransformedDistribution):
 
     def _push(self, x: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
         """Push base draws ``x`` (log-density ``log_q``) through the transforms, one pass
-        each for the value and the log-det; remember ``(z, log q(z))``."""
+        each for the value and the log-det; remember ``(z, log q(z))``.
+
+        Sticking the landing needs the score ``∇ log q`` at the sample: it is pushed
+        through the parts in the same loop, by the fused stacks in the same kernel call
+        as the value (``call_ladj_and_push``) and by :func:`~.stl.push_score_through`
+        elsewhere, with the values of the reference :func:`~.stl.stl_log_q`."""
         eps = x
         event_dim = len(self.event_shape)
         parts = elementary_parts(self.transforms)
+        stl = self._stl and torch.is_grad_enabled()
+        score = initial_score(eps, self._base_score(eps)) if stl else None
         for t in parts:
-            if isinstance(t, LadjCacheMixin):  # this package's flows: one pass
-                y, ladj = t.call_and_ladj(x)
+            if score is not None and hasattr(t, "call_ladj_and_push"):
+                y, ladj, score = t.call_ladj_and_push(x, score)
             else:
-                y = t(x)
-                ladj = t.log_abs_det_jacobian(x, y)
+                if isinstance(t, LadjCacheMixin):  # this package's flows: one pass
+                    y, ladj = t.call_and_ladj(x)
+                else:
+                    y = t(x)
+                    ladj = t.log_abs_det_jacobian(x, y)
+                if score is not None:  # None from here on if t cannot push it
+                    score = push_score_through(t, x, score)
             log_q = log_q - sum_rightmost(ladj, event_dim - t.codomain.event_dim)
             x = y
-        if self._stl and x.requires_grad and torch.is_grad_enabled():
-            log_prob = lambda z: dist.TransformedDistribution.log_prob(self, z)  # noqa: E731
-            log_q = stl_log_q(parts, eps, x, log_q, log_prob, self._base_score(eps))
+        if stl and x.requires_grad:
+            if score is None:  # a part without a score push: autograd through the inverses
+                log_prob = lambda z: dist.TransformedDistribution.log_prob(self, z)  # noqa: E731
+                score = autograd_score(x, log_prob)
+            log_q = stl_surrogate(log_q, x, score)
         self._nfvi_last = (x, log_q)
         return x
 

@@ -20,13 +20,51 @@ def _push_score(
     inverse solve, or ``None`` where the transform does not say how."""
     if hasattr(t, "push_score"):  # this package's flows
         return t.push_score(x, score)
+    pushed = _affine_score(t, score)
+    return None if pushed is None else (t(x), pushed)
+
+
+def _affine_score(t: Transform, score: torch.Tensor) -> Optional[torch.Tensor]:
+    """The score pushed through the guide's affine layer (``None``: not one of them)."""
     if isinstance(t, dist.transforms.AffineTransform) and t.event_dim == 1:
-        return t(x), score / t.scale
+        return score / t.scale
     if isinstance(t, LowerCholeskyAffine):
         tril = t.scale_tril
         s = torch.linalg.solve_triangular(tril.mT, score.unsqueeze(-1), upper=True)
-        return t(x), s.squeeze(-1)
+        return s.squeeze(-1)
     return None
+
+
+@torch.no_grad()
+def push_score_through(t: Transform, x: torch.Tensor, score: torch.Tensor) -> Optional[torch.Tensor]:
+    """The score ``∇ log density`` of ``x`` pushed through the elementary transform ``t``
+    (the score of ``t(x)``), or ``None`` where ``t`` does not say how; what
+    :func:`stl_log_q` does per part, for a caller that already has ``t(x)``."""
+    if hasattr(t, "push_score"):
+        return t.push_score(x.detach(), score)[1]
+    return _affine_score(t, score)
+
+
+def initial_score(eps: torch.Tensor, base_score: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The base score the push starts from: ``base_score``, or the standard normal's
+    ``-ε``; no gradient."""
+    return -eps.detach() if base_score is None else base_score.detach()
+
+
+def stl_surrogate(log_q: torch.Tensor, z: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    r"""``log q(z)`` whose gradient is the path term only: value ``log_q``, gradient
+    :math:`\nabla_z \log q \cdot \partial z / \partial\phi` with ``score`` =
+    :math:`\nabla_z \log q(z)` held fixed."""
+    return log_q.detach() + (score * (z - z.detach())).sum(-1)
+
+
+def autograd_score(z: torch.Tensor, log_prob: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``∇_z log q(z)`` by autograd through ``log_prob`` (the transforms' inverses): the
+    fallback where a part cannot push the score."""
+    z_ = z.detach().requires_grad_()
+    with torch.enable_grad():
+        (score,) = torch.autograd.grad(log_prob(z_).sum(), z_)
+    return score
 
 
 def stl_log_q(
@@ -48,9 +86,13 @@ def stl_log_q(
     :math:`-(\nu + 1)\epsilon/(\nu + \epsilon^2)`). The score :math:`\nabla_z \log
     q(z)` at the sample is pushed forward from the base noise layer by layer (``push_score``: Sherman–Morrison for planar/radial, no
     inverse solve); if any part lacks it, the score is computed by autograd through
-    ``log_prob`` (the transforms' inverses)."""
+    ``log_prob`` (the transforms' inverses).
+
+    This is the reference; the guide's posterior pushes the score in its forward pass
+    instead (``call_ladj_and_push`` of the fused stacks, :func:`push_score_through`
+    elsewhere), with the same values."""
     x = eps.detach()
-    score = -x if base_score is None else base_score.detach()  # ∇ log N(ε; 0, I) = -ε
+    score = initial_score(eps, base_score)  # ∇ log N(ε; 0, I) = -ε
     for t in parts:
         pushed = _push_score(t, x, score)
         if pushed is None:
@@ -58,7 +100,5 @@ def stl_log_q(
             break
         x, score = pushed
     if score is None:
-        z_ = z.detach().requires_grad_()
-        with torch.enable_grad():
-            (score,) = torch.autograd.grad(log_prob(z_).sum(), z_)
-    return log_q.detach() + (score * (z - z.detach())).sum(-1)
+        score = autograd_score(z, log_prob)
+    return stl_surrogate(log_q, z, score)

@@ -11,7 +11,7 @@ from torch.distributions import Transform, constraints
 
 from .._compat import functorch_transforms_active, tensor_version
 from .._validation import check_context, check_hidden_dims, check_int
-from ._fused import run_compiled
+from ._fused import PLAIN, run_compiled, stack_route
 
 __all__ = [
     "ConditionalFlow",
@@ -292,6 +292,9 @@ class LearnableStack:
     packed_fn: Callable[[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
     #: ``(x, score, theta) -> (y, score_y)``: the score pushed through the stack
     packed_push: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+    #: ``(x, theta, score, route) -> (y, ladj, score_y)``: the kernel's forward pass that
+    #: also pushes the score
+    packed_kernel_push: Callable[..., Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
     def __init__(self, input_dim: int, num_flows: int, compile: bool = False):
         input_dim = check_input_dim(input_dim)
@@ -313,6 +316,22 @@ class LearnableStack:
         inverse and without an autograd graph (sticking-the-landing gradients): one fused
         pass where :func:`~pyro_nfvi.transforms._fused.stack_route` picks a kernel."""
         return type(self).packed_push(x, score, self.theta)
+
+    def call_ladj_and_push(
+        self, x: torch.Tensor, score: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(y, log|det dy/dx|, ∇_y log p_Y(y))``: :meth:`call_and_ladj` and the score of
+        :meth:`push_score` (no gradient through it), in ONE pass of the kernel where
+        :func:`~pyro_nfvi.transforms._fused.stack_route` picks one (the push reuses the
+        layers' activations; sticking-the-landing needs both every step), else the two
+        calls."""
+        x = check_event(x, self.input_dim, dtype=self.theta.dtype)
+        if not self.compile and score.shape == x.shape and score.dtype == x.dtype:
+            route = stack_route(x, self.theta)
+            if route != PLAIN:
+                return type(self).packed_kernel_push(x, self.theta, score, route)
+        y, ladj = self.call_and_ladj(x)
+        return y, ladj, self.push_score(x.detach(), score)[1]
 
     def extra_repr(self) -> str:
         return f"input_dim={self.input_dim}, num_flows={self.num_flows}, compile={self.compile}"

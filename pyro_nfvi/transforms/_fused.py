@@ -95,12 +95,29 @@ def _mm(xp, a, b):
     return a @ b
 
 
+# The three scalar recurrences below are the latency-bound core of a planar stack (one
+# step per layer). In NumPy each step iterates over row views (``zip``, no indexing
+# calls) and uses ``np.dot``, which for these sizes costs less than ``@``; with one
+# row (one draw: an SVI step with one particle) each step works on NumPy scalars,
+# about half the calls' cost. The arithmetic is the same in every variant.
+
+
 def _planar_recurrence(xp, a, m):
     """``t_k = tanh(a_k + Σ_{j<k} m_kj t_j)`` for ``a (K, N)``, ``m (K, K)``."""
     K = a.shape[0]
     t = xp.zeros_like(a)
-    for k in range(K):
-        xp.tanh(a[k] + m[k, :k] @ t[:k], out=t[k])
+    if xp is not np:
+        for k in range(K):
+            xp.tanh(a[k] + m[k, :k] @ t[:k], out=t[k])
+        return t
+    dot, tanh = np.dot, np.tanh
+    if a.shape[1] == 1:
+        av, tv = a[:, 0], t[:, 0]
+        for k, (ak, mk) in enumerate(zip(av, m)):
+            tv[k] = tanh(ak + dot(mk[:k], tv[:k]))
+        return t
+    for k, (ak, mk, tk) in enumerate(zip(a, m, t)):
+        tanh(ak + dot(mk[:k], t[:k]), out=tk)
     return t
 
 
@@ -109,8 +126,18 @@ def _planar_recurrence_grad(xp, c, s, m):
     K = c.shape[0]
     g = xp.zeros_like(c)
     mt = m.T
+    if xp is not np:
+        for k in reversed(range(K)):
+            g[k] = s[k] * (c[k] + mt[k, k + 1 :] @ g[k + 1 :])
+        return g
+    dot = np.dot
+    if c.shape[1] == 1:
+        cv, sv, gv = c[:, 0], s[:, 0], g[:, 0]
+        for k in reversed(range(K)):
+            gv[k] = sv[k] * (cv[k] + dot(mt[k, k + 1 :], gv[k + 1 :]))
+        return g
     for k in reversed(range(K)):
-        g[k] = s[k] * (c[k] + mt[k, k + 1 :] @ g[k + 1 :])
+        np.multiply(s[k], c[k] + dot(mt[k, k + 1 :], g[k + 1 :]), out=g[k])
     return g
 
 
@@ -302,49 +329,63 @@ def _planar_score_recurrence(xp, alpha, beta, us, m):
     K = alpha.shape[0]
     c = xp.zeros_like(alpha)
     mt = m.T
-    for k in range(K):
-        c[k] = alpha[k] + beta[k] * (us[k] - mt[k, :k] @ c[:k])
+    if xp is not np:
+        for k in range(K):
+            c[k] = alpha[k] + beta[k] * (us[k] - mt[k, :k] @ c[:k])
+        return c
+    dot = np.dot
+    if alpha.shape[1] == 1:
+        av, bv, uv, cv = alpha[:, 0], beta[:, 0], us[:, 0], c[:, 0]
+        for k in range(K):
+            cv[k] = av[k] + bv[k] * (uv[k] - dot(mt[k, :k], cv[:k]))
+        return c
+    for k, (ak, bk, uk, ck) in enumerate(zip(alpha, beta, us, c)):
+        np.add(ak, bk * (uk - dot(mt[k, :k], c[:k])), out=ck)
     return c
 
 
-def _planar_push(xp, x, th, score):
+def _planar_push_saved(xp, x, th, saved, score):
     """Planar layers: ``J_k^{-T} = I - h'_k w_k û_kᵀ / det_k`` (Sherman–Morrison), so each
     layer subtracts ``c_k w_k`` from the score, with
     ``c_k = (h''_k k_k + h'_k (û_k·s_k - h''_k k_k²/det_k)) / det_k`` (``k_k = w_k·û_k``).
     Since ``û_k·s_k = û_k·s_0 - Σ_{j<k} c_j û_k·w_j``, the ``c_k`` follow a scalar
     recurrence through the same ``(K, K)`` matrix ``m`` as the forward pass, and
-    ``s_y = s_0 - Σ_k c_k w_k`` is one product: nothing of size ``D`` per layer."""
+    ``s_y = s_0 - Σ_k c_k w_k`` is one product: nothing of size ``D`` per layer.
+
+    Works from what :func:`_planar_forward` saved (``t``, ``det``, ``û``, ``q``, ``m``),
+    so a forward pass that also pushes the score (:func:`planar_stack_push_kernel`)
+    costs the score recurrence alone."""
     D = x.shape[1]
-    u, w, b = th[:, :D], th[:, D : 2 * D], th[:, 2 * D]
-    u_hat, q, _ = planar_u_hat_parts(u, w, xp)
-    m = _mm(xp, w, u_hat.T)  # m_kj = w_k·û_j
-    t = _planar_recurrence(xp, _mm(xp, w, x.T) + b[:, None], m)  # (K, N)
-    y = x + _mm(xp, t.T, u_hat)
-    det = planar_det(t, q, xp)
+    w = th[:, D : 2 * D]
+    t, det, u_hat, q, m, _ = saved
     h1 = 1 - t * t
     kq = q - 1
     h2k = -2 * t * h1 * kq  # h''(a) k
     beta = h1 / det
     alpha = (h2k - beta * h2k * kq) / det
     c = _planar_score_recurrence(xp, alpha, beta, _mm(xp, u_hat, score.T), m)
-    return y, score - _mm(xp, c.T, w)
+    return score - _mm(xp, c.T, w)
 
 
-def _radial_push(xp, x, th, score):
+def _planar_push(xp, x, th, score):
+    """``(y, score_y)`` of a planar stack: the forward pass, then :func:`_planar_push_saved`."""
+    y, _, saved = _planar_forward(xp, x, th)
+    return y, _planar_push_saved(xp, x, th, saved, score)
+
+
+def _radial_push_saved(xp, x, th, saved, score):
     """Radial layers: ``J = c I + e n nᵀ`` (``n = d/r``) is symmetric, so
     ``s' = J^{-1}(s - L'(r) n) = s/c + n ((n·s - L')(1/(c+e) - 1/c) - L'/c)``, with
     ``1/c = (α+r)/(s+r)``, ``1/(c+e) = (α+r)²/(αs + 2αr + r²)`` and
     ``L' = (D-1)(1/(s+r) - 1/(α+r)) + 2(α+r)/(αs + 2αr + r²) - 2/(α+r)``: per layer
-    one more dot product and one more update of a ``(D, N)`` array than the forward."""
+    one dot product and one update of a ``(D, N)`` array, from the ``d = x - x0`` and
+    ``r = |d|`` that :func:`_radial_forward` saved."""
+    diffs, r_all, alpha, _, s = saved
     D, K = x.shape[1], th.shape[0]
-    x0 = th[:, :D, None]  # (K, D, 1)
-    alpha, beta, s = radial_ab(th[:, D], th[:, D + 1], xp)
-    xt, st = _feature_major(xp, x), _feature_major(xp, score)  # (D, N), updated in place
-    d = xp.empty_like(xt)  # the layout of xt
-    tiny = xp.finfo(xt.dtype).tiny
+    st = _feature_major(xp, score)  # (D, N), the layout of the saved d, updated in place
+    tiny = xp.finfo(st.dtype).tiny
     for k in range(K):
-        xp.subtract(xt, x0[k], out=d)
-        r = xp.sqrt(_dot0(xp, d, d))
+        d, r = diffs[k], r_all[k]
         ak, sk = alpha[k], s[k]
         a, sr, quad = ak + r, sk + r, ak * sk + r * (2 * ak + r)
         inv_a = 1 / a
@@ -356,8 +397,13 @@ def _radial_push(xp, x, th, score):
         coef = xp.where(r > 0, inv_r * ((ns - dlog) * (inv_ce - inv_c) - inv_c * dlog), 0.0)
         st *= inv_c
         st += d * coef
-        xt += d * (beta[k] * inv_a)
-    return _as_contiguous(xp, xt.T), _as_contiguous(xp, st.T)
+    return _as_contiguous(xp, st.T)
+
+
+def _radial_push(xp, x, th, score):
+    """``(y, score_y)`` of a radial stack: the forward pass, then :func:`_radial_push_saved`."""
+    y, _, saved = _radial_forward(xp, x, th)
+    return y, _radial_push_saved(xp, x, th, saved, score)
 
 
 def _push(kernel, x, score, theta, route):
@@ -387,8 +433,9 @@ class _FusedStack(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, theta, kernels, route):
-        xp, (xa, tha) = _namespace(route, x, theta)
+    def forward(ctx, x, theta, kernels, route, score):
+        xp, arrays = _namespace(route, x, theta) if score is None else _namespace(route, x, theta, score)
+        xa, tha = arrays[0], arrays[1]
         shape = tuple(x.shape)
         xa = xa.reshape(-1, shape[-1])
         with np.errstate(all="ignore"):  # torch does not warn on overflow either
@@ -400,13 +447,20 @@ class _FusedStack(torch.autograd.Function):
                 xa, tha = xa.astype(np.float64), tha.astype(np.float64)
                 y, ladj, saved = kernels[0](xp, xa, tha)
                 y, ladj = y.astype(np.float32), ladj.astype(np.float32)
+            if score is not None:
+                sy = _push_after_forward(kernels, xp, xa, tha, saved, arrays[2].reshape(xa.shape), y)
         ctx.save_for_backward(x, theta)  # for autograd's in-place modification check
         ctx.saved, ctx.inputs, ctx.kernels, ctx.shape = saved, (xa, tha), kernels, shape
         ctx.route = route
-        return _to_torch(xp, y.reshape(shape), ladj.reshape(shape[:-1]))
+        out = _to_torch(xp, y.reshape(shape), ladj.reshape(shape[:-1]))
+        if score is None:
+            return out
+        (sy,) = _to_torch(xp, sy.reshape(shape))
+        ctx.mark_non_differentiable(sy)
+        return out + (sy,)
 
     @staticmethod
-    def backward(ctx, gy, gl):
+    def backward(ctx, gy, gl, *unused):  # the pushed score (if any) has no gradient
         x, theta = ctx.saved_tensors  # raises if x or theta was modified in place since forward
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             return _plain_backward(ctx, x, theta, gy, gl)
@@ -419,7 +473,20 @@ class _FusedStack(torch.autograd.Function):
         if ctx.upcast:
             g_x, g_th = g_x.astype(np.float32), g_th.astype(np.float32)
         g_x, g_th = _to_torch(xp, g_x.reshape(ctx.shape), g_th)
-        return g_x, g_th, None, None
+        return g_x, g_th, None, None, None
+
+
+def _push_after_forward(kernels, xp, xa, tha, saved, sa, y):
+    """The score pushed through the stack from what its forward pass saved: the same
+    values as the standalone push kernel (:func:`_push`), including its float64 rerun
+    where float32 overflows."""
+    if xa.dtype != sa.dtype:  # the forward was rerun in float64
+        return kernels[3](xp, xa, tha, saved, sa.astype(xa.dtype)).astype(sa.dtype)
+    sy = kernels[3](xp, xa, tha, saved, sa)
+    if xp is np and xa.dtype == np.float32 and not (np.isfinite(y).all() and np.isfinite(sy).all()):
+        sy = kernels[4](xp, xa.astype(np.float64), tha.astype(np.float64), sa.astype(np.float64))[1]
+        sy = sy.astype(np.float32)
+    return sy
 
 
 # Test hooks: > 0 makes stack_route say "plain" (the reference loop); see forced_route
@@ -434,7 +501,7 @@ def _plain_backward(ctx, x, theta, gy, gl):
     grads = iter(torch.autograd.grad((y, ladj), wanted, (gy, gl), create_graph=True, allow_unused=True))
     g_x = next(grads) if ctx.needs_input_grad[0] else None
     g_th = next(grads) if ctx.needs_input_grad[1] else None
-    return g_x, g_th, None, None
+    return g_x, g_th, None, None, None
 
 
 def _planar_plain(x, theta):
@@ -445,9 +512,10 @@ def _radial_plain(x, theta):
     return radial_stack_loop(x, *split_radial_theta(theta, x.shape[-1]))
 
 
-# (forward kernel, backward kernel, plain autograd loop on packed parameters)
-_PLANAR = (_planar_forward, _planar_backward, _planar_plain)
-_RADIAL = (_radial_forward, _radial_backward, _radial_plain)
+# (forward kernel, backward kernel, plain autograd loop on packed parameters, score push
+# from the forward's saved quantities, standalone score push)
+_PLANAR = (_planar_forward, _planar_backward, _planar_plain, _planar_push_saved, _planar_push)
+_RADIAL = (_radial_forward, _radial_backward, _radial_plain, _radial_push_saved, _radial_push)
 
 
 def stack_route(x: torch.Tensor, *params: torch.Tensor) -> str:
@@ -522,14 +590,26 @@ def planar_stack_kernel(x, theta, route=None) -> Tuple[torch.Tensor, torch.Tenso
     """``(y, ladj)`` of K planar layers from packed raw parameters ``theta = [u | w | b]``
     of shape ``(K, 2D+1)``; ``x`` of any batch shape. ``route``: one of
     :data:`KERNEL_ROUTES` (default: :func:`stack_route`'s choice)."""
-    return _FusedStack.apply(x, theta, _PLANAR, _kernel_route(x, theta, route))
+    return _FusedStack.apply(x, theta, _PLANAR, _kernel_route(x, theta, route), None)
 
 
 def radial_stack_kernel(x, theta, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(y, ladj)`` of K radial layers from packed raw parameters
     ``theta = [x0 | alpha' | beta']`` of shape ``(K, D+2)``; ``x`` of any batch shape.
     ``route``: one of :data:`KERNEL_ROUTES` (default: :func:`stack_route`'s choice)."""
-    return _FusedStack.apply(x, theta, _RADIAL, _kernel_route(x, theta, route))
+    return _FusedStack.apply(x, theta, _RADIAL, _kernel_route(x, theta, route), None)
+
+
+def planar_stack_push_kernel(x, theta, score, route=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, ladj, ∇_y log p_Y(y))``: :func:`planar_stack_kernel` and
+    :func:`planar_push_kernel` in one pass (the push reuses the forward's layer
+    quantities); ``score = ∇_x log p_X(x)`` of ``x``'s shape, no gradient through it."""
+    return _FusedStack.apply(x, theta, _PLANAR, _kernel_route(x, theta, route), score.detach())
+
+
+def radial_stack_push_kernel(x, theta, score, route=None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`planar_stack_push_kernel` for radial layers (``theta = [x0 | alpha' | beta']``)."""
+    return _FusedStack.apply(x, theta, _RADIAL, _kernel_route(x, theta, route), score.detach())
 
 
 def planar_push_kernel(x, score, theta, route=None) -> Tuple[torch.Tensor, torch.Tensor]:

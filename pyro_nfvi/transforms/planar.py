@@ -38,7 +38,13 @@ import torch
 import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
-from ._fused import PLAIN, planar_push_kernel, planar_stack_kernel, stack_route
+from ._fused import (
+    PLAIN,
+    planar_push_kernel,
+    planar_stack_kernel,
+    planar_stack_push_kernel,
+    stack_route,
+)
 from ._math import planar_log_det, planar_stack_loop, planar_u_hat, split_planar_theta
 from ._base import (
     ConditionalFlow,
@@ -437,6 +443,7 @@ class StackedPlanar(LearnableStack, ConditionedStackedPlanar, TransformModule):
     theta_layout = ("D", "D", 1)  # [u | w | b]: (K, 2D+1)
     packed_fn = staticmethod(stacked_planar_packed)
     packed_push = staticmethod(push_score_planar_packed)
+    packed_kernel_push = staticmethod(planar_stack_push_kernel)
 
     @property
     def u(self) -> torch.Tensor:

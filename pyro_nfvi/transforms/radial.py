@@ -30,7 +30,13 @@ import torch
 import torch.nn as nn
 from pyro.distributions.torch_transform import TransformModule
 
-from ._fused import PLAIN, radial_push_kernel, radial_stack_kernel, stack_route
+from ._fused import (
+    PLAIN,
+    radial_push_kernel,
+    radial_stack_kernel,
+    radial_stack_push_kernel,
+    stack_route,
+)
 from ._math import radial_ab, radial_log_det, radial_norm, radial_stack_loop, split_radial_theta
 from ._base import (
     ConditionalFlow,
@@ -360,6 +366,7 @@ class StackedRadial(LearnableStack, ConditionedStackedRadial, TransformModule):
     theta_layout = ("D", 1, 1)  # [x0 | alpha' | beta']: (K, D+2)
     packed_fn = staticmethod(stacked_radial_packed)
     packed_push = staticmethod(push_score_radial_packed)
+    packed_kernel_push = staticmethod(radial_stack_push_kernel)
 
     @property
     def x0(self) -> torch.Tensor:
