@@ -38,8 +38,7 @@ GUIDES = {
 }
 
 
-def make_svi(model, guide_cls, args, particles: int):
-    nesting = plate_nesting(pyro.poutine.trace(model).get_trace(*args))
+def make_svi(model, guide_cls, args, particles: int, nesting: int):
     guide = guide_cls(model)
     loss = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1,
                       max_plate_nesting=nesting)
@@ -66,19 +65,33 @@ def main(argv=None) -> None:
         pyro.clear_param_store()  # the guides' parameter names differ (class names)
         # a fixed seed: the prior draw that finds the plate nesting (stochastic volatility's
         # can overflow) and the guides' initialisations are the same in every run
-        pyro.set_rng_seed(1)
-        svis = {g: make_svi(spec.model, cls, args, opts.particles) for g, cls in GUIDES.items()}
-        times = {g: [] for g in GUIDES}
+        pyro.set_rng_seed(0)
+        nesting = plate_nesting(pyro.poutine.trace(spec.model).get_trace(*args))
+        svis, failed = {}, {}
+        for g, cls in GUIDES.items():
+            try:
+                svis[g] = make_svi(spec.model, cls, args, opts.particles, nesting)
+            except ValueError as e:  # e.g. a guide whose first steps reach NaN: say so, go on
+                failed[g] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+        times = {g: [] for g in svis}
         for _ in range(opts.rounds):
-            for g, svi in svis.items():
+            for g, svi in list(svis.items()):
                 t0 = time.perf_counter()
-                for _ in range(opts.steps):
-                    svi.step(*args)
+                try:
+                    for _ in range(opts.steps):
+                        svi.step(*args)
+                except ValueError as e:
+                    failed[g] = f"{type(e).__name__}: {str(e).splitlines()[0][:150]}"
+                    del svis[g], times[g]
+                    continue
                 times[g].append(1e3 * (time.perf_counter() - t0) / opts.steps)
         ms = {g: statistics.median(v) for g, v in times.items()}
-        ref = ms["AutoMultivariateNormal"]
-        print(f"{name:14s} " + " ".join(f"{ms[g]:10.2f} ms ({ms[g] / ref:4.2f}x)" for g in GUIDES),
-              flush=True)
+        ref = ms.get("AutoMultivariateNormal", float("nan"))
+        print(f"{name:14s} " + " ".join(
+            f"{ms[g]:10.2f} ms ({ms[g] / ref:4.2f}x)" if g in ms else f"{'failed':>24s}"
+            for g in GUIDES), flush=True)
+        for g, why in failed.items():
+            print(f"  {g} failed on {name}: {why}", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ from .curvature import _DEFAULT_INIT_SCALE, inspect_model
 from .neutra import PlacedFlowTransform, _arguments_in_placement, placement_arguments
 from .placement import place_latents
 from .posterior import _FlowPosterior, build_flow
-from .prototype import _arg_shapes, _hide_from_prototype, check_latent_shapes, latent_layout
+from .prototype import (SiteLayout, _arg_shapes, _hide_from_prototype, check_latent_shapes,
+                        latent_layout)
 from .saving import _GuideSaving
 from .summaries import _GuideSummaries
 
@@ -339,11 +340,12 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         """Split the packed latent ``z`` per site, place the sites and emit each as a
         ``Delta`` inside its plates."""
         plates = self._create_plates(*args, **kwargs)
-        xs = {site["name"]: x for site, x in self._unpack_latent(latent)}
+        layout = SiteLayout.of(self)  # the per-site views of z, computed once
+        xs = layout.split(latent)
         # the centredness is read here, outside the blocked model run, so that its
         # pyro.param statement reaches SVI's parameter capture
         centering = {name: self._centering(name) for name in self._hierarchical}
-        fns = {name: site["fn"] for name, site in self.prototype_trace.iter_stochastic_nodes()}
+        fns = layout.fns
         placed = place_latents(self.model, xs, centering, fns, args, kwargs)
         result = {}
         for name, fn in fns.items():
@@ -363,7 +365,10 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         if getattr(self, "base_kind", "normal") == "studentt":
             df = self.base_df
             return dist.StudentT(df, torch.zeros_like(df), torch.ones_like(df)).to_event(1)
-        loc = self.loc
+        # the raw parameter: only its shape, dtype and device are read (self.loc would
+        # issue a pyro.param statement, and _affine reads it anyway)
+        loc = self._parameters.get("loc")
+        loc = self.loc if loc is None else loc
         key = (loc.shape, loc.dtype, loc.device)
         cached = getattr(self, "_base_dist_cache", None)
         if cached is None or cached[0] != key:  # built once: it has no parameters

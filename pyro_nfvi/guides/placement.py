@@ -10,6 +10,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 from torch.distributions import biject_to
 
+import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.distributions.util import sum_rightmost
@@ -301,7 +302,10 @@ def place_latents(model: Callable, xs: Dict[str, torch.Tensor],
     placed: Dict[str, tuple] = {}
     if centering:
         placer = _PlaceLatents(xs, centering, fns)
-        _run_latents(placer, model, args, kwargs)
+        # without argument checks of the prior's distributions: the model's own run (the
+        # ELBO's) builds them again from the same values and checks them there
+        with pyro.validation_enabled(False):
+            _run_latents(placer, model, args, kwargs)
         placed = placer.placed
     for name, x in xs.items():  # every site, if no placement; else any the run missed
         if name not in placed:

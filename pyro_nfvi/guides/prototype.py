@@ -3,6 +3,7 @@ unconstrained shapes and plates, and the checks that the model still matches lat
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Dict, Tuple
 
 import torch
@@ -88,3 +89,59 @@ def check_latent_shapes(model: Callable, hide_fn: Callable, prototype_trace, gui
                 f"{tuple(site['value'].shape)}: create a new guide for the new data "
                 "(or use pyro_nfvi.amortized.AutoAmortizedFlow for per-datum latents)."
             )
+
+
+class SiteLayout:
+    """Where each latent site lies in the guide's packed latent vector, read once from the
+    prototype trace: what ``AutoContinuous._unpack_latent`` recomputes on every call (it
+    walks the trace and broadcasts each site's shape), which a guide pays every step.
+
+    :param prototype_trace: the guide's prototype trace (the layout is valid while the
+        guide keeps this trace: see :meth:`of`).
+    :param unconstrained_shapes: each site's unconstrained shape, in model order.
+    """
+
+    #: the batch shapes whose per-site view shapes are kept (a guide sees one or two)
+    MAX_BATCH_SHAPES = 8
+
+    def __init__(self, prototype_trace, unconstrained_shapes: Dict[str, torch.Size]) -> None:
+        self.trace = prototype_trace
+        self.fns: Dict[str, object] = {}
+        self.sites = []  # (name, start, size, unconstrained shape, event dim)
+        pos = 0
+        for name, site in prototype_trace.iter_stochastic_nodes():
+            shape = unconstrained_shapes[name]
+            size = math.prod(shape)
+            event_dim = site["fn"].event_dim + len(shape) - len(site["value"].shape)
+            self.sites.append((name, pos, size, shape, event_dim))
+            self.fns[name] = site["fn"]
+            pos += size
+        self._view_shapes: Dict[torch.Size, list] = {}
+
+    @classmethod
+    def of(cls, guide) -> "SiteLayout":
+        """The layout of ``guide`` (an ``AutoContinuous`` guide after setup), built on first
+        use and again whenever the guide's prototype trace is replaced."""
+        layout = guide.__dict__.get("_nfvi_site_layout")
+        if layout is None or layout.trace is not guide.prototype_trace:
+            layout = cls(guide.prototype_trace, guide._unconstrained_shapes)
+            guide.__dict__["_nfvi_site_layout"] = layout
+        return layout
+
+    def split(self, latent: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``{site: unconstrained value}``: the same views of ``latent (..., D)`` as
+        ``AutoContinuous._unpack_latent`` (a site's shape broadcast against the batch
+        shape of ``latent``)."""
+        batch_shape = latent.shape[:-1]
+        shapes = self._view_shapes.get(batch_shape)
+        if shapes is None:
+            if len(self._view_shapes) >= self.MAX_BATCH_SHAPES:
+                self._view_shapes.clear()
+            shapes = self._view_shapes[batch_shape] = [
+                torch.broadcast_shapes(shape, batch_shape + (1,) * event_dim)
+                for _, _, _, shape, event_dim in self.sites
+            ]
+        return {
+            name: latent[..., pos : pos + size].view(view_shape)
+            for (name, pos, size, _, _), view_shape in zip(self.sites, shapes)
+        }
