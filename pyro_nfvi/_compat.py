@@ -106,7 +106,8 @@ def split_init_messenger(model: Callable) -> Tuple[Optional[Callable], Callable]
     strategy for any other site and skips it where the placement sets the value.
 
     Why private: Pyro keeps only the wrapped model, and ``Messenger.__call__`` returns
-    ``_bound_partial(partial(_context_wrap, messenger, fn))``, an internal layout.
+    ``_bound_partial(partial(_context_wrap, messenger, fn))``, an internal layout (read
+    through ``partial.__reduce__``, which also sees it in an unpickled guide's model).
     Checked on pyro-ppl 1.9.2 (the same since 1.8). On another layout this answers
     ``(None, model)``: the placement then runs the wrapped model as before (slower,
     the same values).
@@ -115,10 +116,12 @@ def split_init_messenger(model: Callable) -> Tuple[Optional[Callable], Callable]
 
     from pyro.infer.autoguide.initialization import InitMessenger
 
-    inner = getattr(model, "func", None)
-    args = getattr(inner, "args", ())
-    if (isinstance(model, partial) and isinstance(inner, partial) and len(args) == 2
-            and getattr(inner.func, "__name__", None) == "_context_wrap"
+    if not isinstance(model, partial):
+        return None, model
+    # the function and arguments partial itself holds (``_bound_partial`` shadows its
+    # ``func`` with a slot, which an unpickled one does not even set)
+    _, (fn,), (_, args, _, _) = partial.__reduce__(model)
+    if (getattr(fn, "__name__", None) == "_context_wrap" and len(args) == 2
             and isinstance(args[0], InitMessenger) and callable(args[1])):
         return args[0].init_fn, args[1]
     return None, model

@@ -13,6 +13,8 @@
   ``_unpack_latent``.
 """
 
+import pickle
+
 import pytest
 import torch
 
@@ -21,7 +23,7 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import pyro.poutine as poutine
 from pyro.infer import Trace_ELBO
-from pyro.infer.autoguide.initialization import init_to_median
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
 
 from pyro_nfvi._compat import split_init_messenger
 from pyro_nfvi.guides import AutoNormalizingFlow, AutoPlanarFlow, AutoRadialFlow, AutoSylvesterFlow
@@ -149,6 +151,9 @@ def test_split_init_messenger():
     assert split_init_messenger(_funnel) == (None, _funnel)
     other = poutine.scale(_funnel, scale=2.0)  # another handler: left as it is
     assert split_init_messenger(other) == (None, other)
+    # a saved guide's model comes back from pickle without the wrapper's `func` slot
+    wrapped = pickle.loads(pickle.dumps(InitMessenger(init_to_median)(abs)))
+    assert split_init_messenger(wrapped) == (init_to_median, abs)
 
 
 def test_placement_skips_the_init_strategy_and_leaves_the_random_stream():
