@@ -32,7 +32,7 @@ from pyro_nfvi.guides.posterior import elementary_parts
 from pyro_nfvi.guides.prototype import SiteLayout
 from pyro_nfvi.guides.stl import stl_log_q
 from pyro_nfvi.helpers import planar_flow
-from pyro_nfvi.transforms import _fused
+from pyro_nfvi.transforms import Planar, Radial, _fused, _fused_sylvester
 
 
 def _model():
@@ -69,10 +69,11 @@ def _loss_and_grads(guide, route, particles):
 @pytest.mark.parametrize("particles", [1, 4])
 @pytest.mark.parametrize("base", ["normal", "studentt"])
 @pytest.mark.parametrize("full_rank", [True, False])
-@pytest.mark.parametrize("cls", [AutoPlanarFlow, AutoRadialFlow])
+@pytest.mark.parametrize("cls", [AutoPlanarFlow, AutoRadialFlow, AutoSylvesterFlow])
 def test_elbo_gradients_of_every_kernel_route_equal_the_plain_route(float64, cls, full_rank,
                                                                     base, particles):
-    guide = cls(_model, num_flows=5, full_rank=full_rank, base=base)
+    guide = cls(_model, num_flows=3 if cls is AutoSylvesterFlow else 5, full_rank=full_rank,
+                base=base)
     guide()
     _randomized(guide)
     assert guide.stl and guide.hierarchical_sites  # STL on, a placed site
@@ -84,12 +85,14 @@ def test_elbo_gradients_of_every_kernel_route_equal_the_plain_route(float64, cls
             assert torch.allclose(g, r, rtol=1e-10, atol=1e-10), (route, (g - r).abs().max())
 
 
-def test_kernel_route_pushes_the_score_in_the_forward_pass(monkeypatch):
+@pytest.mark.parametrize("cls", [AutoPlanarFlow, AutoRadialFlow, AutoSylvesterFlow])
+def test_kernel_route_pushes_the_score_in_the_forward_pass(cls, monkeypatch):
     """One kernel call per guide step does both: no standalone push kernel runs."""
-    guide = AutoPlanarFlow(_model, num_flows=4)
+    guide = cls(_model, num_flows=3)
     guide()
     calls = []
     monkeypatch.setattr(_fused, "_push", lambda *a: calls.append("push"))
+    monkeypatch.setattr(_fused_sylvester, "_push_layer", lambda *a: calls.append("push"))
     guide()
     assert calls == []
 
@@ -110,10 +113,15 @@ def _stl_reference(post, eps):
 @pytest.mark.parametrize("make", [
     lambda: AutoPlanarFlow(_model, num_flows=3),
     lambda: AutoRadialFlow(_model, num_flows=3, full_rank=False),
-    lambda: AutoSylvesterFlow(_model, num_flows=2),  # push_score_through, no fused push
+    lambda: AutoSylvesterFlow(_model, num_flows=2),
     # Pyro's Householder has an inverse but no push_score: autograd through the inverses
     lambda: AutoNormalizingFlow(_model, lambda d: [planar_flow(d, 2), T.Householder(d)]),
-], ids=["planar", "radial-diagonal", "sylvester", "no-push-part"])
+    # ... as the first part: no fused push after it either
+    lambda: AutoNormalizingFlow(_model, lambda d: [T.Householder(d), planar_flow(d, 2)]),
+    # single layers: push_score_through (push_score, no fused call)
+    lambda: AutoNormalizingFlow(_model, lambda d: [Planar(d), Radial(d)]),
+], ids=["planar", "radial-diagonal", "sylvester", "no-push-part", "no-push-first",
+        "single-layers"])
 def test_surrogate_equals_the_reference_stl(float64, make):
     guide = make()
     guide()

@@ -34,7 +34,7 @@ from . import _fused
 from ._fused import FUSED_NUMPY, KERNEL_ROUTES, PLAIN, _kernel_for, _namespace, _to_torch
 from ._math import DIAG_BOUND, OFFDIAG_BOUND
 
-__all__ = ["sylvester_stack_kernel", "sylvester_stack_push_score"]
+__all__ = ["sylvester_stack_kernel", "sylvester_stack_push_kernel", "sylvester_stack_push_score"]
 
 # Test/benchmark hook: False sends every stack down the plain autograd loop (the
 # reference, and "today's" Sylvester stack in benchmarks/bench_sylvester.py).
@@ -216,22 +216,29 @@ class _SylvesterStack(torch.autograd.Function):
     differentiates it, as :class:`._fused._FusedStack` does."""
 
     @staticmethod
-    def forward(ctx, x, b, R, Rt, U, route, plain):
+    def forward(ctx, x, b, R, Rt, U, route, plain, score):
         tensors = (x, b, R, Rt) + ((U,) if U is not None else ())
-        xp, arrays = _namespace(route, *tensors)
+        xp, arrays = _namespace(route, *(tensors + ((score,) if score is not None else ())))
         xa, ba, Ra, Rta = arrays[:4]
         Ua = arrays[4] if U is not None else None
         shape = tuple(x.shape)
         xa = xa.reshape(-1, shape[-1])
         with np.errstate(all="ignore"):
             y, ladj, saved = _forward(xp, xa, ba, Ra, Rta, Ua)
+            if score is not None:  # the score pushed from the layers' saved quantities
+                sy = _push_saved(xp, saved, arrays[-1].reshape(xa.shape))
         ctx.save_for_backward(*tensors)
         ctx.plain = plain
         ctx.saved, ctx.arrays, ctx.shape, ctx.route, ctx.has_U = saved, (xa, ba, Ra, Rta, Ua), shape, route, U is not None
-        return _to_torch(xp, _contig(xp, y).reshape(shape), ladj.reshape(shape[:-1]))
+        out = _to_torch(xp, _contig(xp, y).reshape(shape), ladj.reshape(shape[:-1]))
+        if score is None:
+            return out
+        (sy,) = _to_torch(xp, _contig(xp, sy).reshape(shape))
+        ctx.mark_non_differentiable(sy)
+        return out + (sy,)
 
     @staticmethod
-    def backward(ctx, gy, gl):
+    def backward(ctx, gy, gl, *unused):  # the pushed score (if any) has no gradient
         tensors = ctx.saved_tensors  # raises if an input was modified in place since forward
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             return _plain_backward(ctx, tensors, gy, gl)
@@ -243,7 +250,7 @@ class _SylvesterStack(torch.autograd.Function):
         gx, gb, gR, gRt = _to_torch(xp, _contig(xp, gx).reshape(ctx.shape), gb, gR, gRt)
         if gU is not None:
             (gU,) = _to_torch(xp, gU)
-        return gx, gb, gR, gRt, gU, None, None
+        return gx, gb, gR, gRt, gU, None, None, None
 
 
 def _plain_backward(ctx, tensors, gy, gl):
@@ -259,7 +266,7 @@ def _plain_backward(ctx, tensors, gy, gl):
         _fused._PLAIN_DEPTH -= 1
     grads = iter(torch.autograd.grad((y, ladj), wanted, (gy, gl), create_graph=True, allow_unused=True))
     out = [next(grads) if need and t is not None else None for t, need in zip(inputs, needs)]
-    return tuple(out) + (None, None)  # no gradient for route, plain
+    return tuple(out) + (None, None, None)  # no gradient for route, plain, score
 
 
 def kernel_route(x: torch.Tensor, b: torch.Tensor, route: Optional[str]) -> str:
@@ -288,18 +295,25 @@ def sylvester_stack_kernel(x, params, plain, route=None) -> Tuple[torch.Tensor, 
     differentiates (passed in: this module sits below :mod:`.sylvester`); ``route``: one
     of :data:`._fused.KERNEL_ROUTES` (default: ``x``'s device)."""
     b, R, Rt, U = params
-    return _SylvesterStack.apply(x, b, R, Rt, U, kernel_route(x, b, route), plain)
+    return _SylvesterStack.apply(x, b, R, Rt, U, kernel_route(x, b, route), plain, None)
 
 
-def _push_layer(xp, z, s, At, Bt, b, q, W):
-    """One layer of :func:`.sylvester.sylvester_push_score` on ``(N, D)`` arrays."""
-    t = xp.tanh(_mm(xp, z, Bt) + b)
-    hp = 1 - t * t
-    det = t * t + q * hp
-    y = z + _mm(xp, t, At)
+def sylvester_stack_push_kernel(
+    x, params, plain, score, route=None
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(y, ladj, ∇_y log p_Y(y))``: :func:`sylvester_stack_kernel` and
+    :func:`sylvester_stack_push_score` in one pass (the push reuses the forward's layer
+    quantities); ``score = ∇_x log p_X(x)`` of ``x``'s shape, no gradient through it."""
+    b, R, Rt, U = params
+    return _SylvesterStack.apply(x, b, R, Rt, U, kernel_route(x, b, route), plain, score.detach())
+
+
+def _push_score_layer(xp, s, At, Bt, q, W, t, hp, det):
+    """The score through one layer, from its activation ``t = tanh(z B^T + b)``,
+    ``hp = 1 - t^2`` and ``det = t^2 + q hp`` (see :func:`.sylvester.sylvester_push_score`)."""
     s = s - _mm(xp, (q - 1) * (-2 * t * hp) / det, Bt.T)
     r = _mm(xp, s, At.T)  # A^T s, (N, M)
-    M = b.shape[-1]
+    M = q.shape[-1]
     if M <= _PUSH_LOOP_MAX_M:
         # (I + W^T H) w = r, lower triangular: w_i = (r_i - Σ_{j<i} W_ji h_j w_j) / det_i
         v = xp.empty_like(r)
@@ -310,7 +324,26 @@ def _push_layer(xp, z, s, At, Bt, b, q, W):
         N_ = xp.tril(W.T, -1)[None] * hp[:, None, :] + _diag_embed(xp, det)
         w = _solve(xp, N_, r[:, :, None])[:, :, 0]
         v = hp * w
-    return y, s - _mm(xp, v, Bt.T)
+    return s - _mm(xp, v, Bt.T)
+
+
+def _push_saved(xp, saved, s):
+    """The score pushed through the stack from what :func:`_forward` saved."""
+    At, Bt, q, (Rm, Rtm, _, _, _), _, ts, det = saved
+    W = Rtm @ Rm
+    for k in range(ts.shape[0]):
+        t = ts[k]
+        s = _push_score_layer(xp, s, At[k], Bt[k], q[k], W[k], t, 1 - t * t, det[k])
+    return s
+
+
+def _push_layer(xp, z, s, At, Bt, b, q, W):
+    """One layer of :func:`.sylvester.sylvester_push_score` on ``(N, D)`` arrays."""
+    t = xp.tanh(_mm(xp, z, Bt) + b)
+    hp = 1 - t * t
+    det = t * t + q * hp
+    y = z + _mm(xp, t, At)
+    return y, _push_score_layer(xp, s, At, Bt, q, W, t, hp, det)
 
 
 def sylvester_stack_push_score(x, score, params, route=None) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -106,7 +106,12 @@ from pyro.distributions.torch_transform import TransformModule
 
 from ._base import ConditionalFlow, ConditionedFlow, check_event, check_input_dim
 from ._fused import PLAIN
-from ._fused_sylvester import sylvester_route, sylvester_stack_kernel, sylvester_stack_push_score
+from ._fused_sylvester import (
+    sylvester_route,
+    sylvester_stack_kernel,
+    sylvester_stack_push_kernel,
+    sylvester_stack_push_score,
+)
 from ._math import DIAG_BOUND, OFFDIAG_BOUND, planar_det, planar_log_det
 from .planar import planar_solve
 
@@ -594,6 +599,20 @@ class ConditionedStackedSylvester(ConditionedFlow):
         params = _check_params(self._params, stacked=True)
         x = check_event(x, _event_dim(params))
         return stacked_sylvester(x, params)
+
+    def call_ladj_and_push(
+        self, x: torch.Tensor, score: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(y, log|det dy/dx|, ∇_y log p_Y(y))``: :meth:`call_and_ladj` and the score of
+        :meth:`push_score` (no gradient through it), in ONE pass of the fused kernel where
+        it runs (the push reuses the layers' activations), else the two calls."""
+        params = _check_params(self._params, stacked=True)
+        x = check_event(x, _event_dim(params))
+        route = sylvester_route(x, params)
+        if route != PLAIN and score.shape == x.shape and score.dtype == x.dtype:
+            return sylvester_stack_push_kernel(x, params, stacked_sylvester_plain, score, route)
+        y, ladj = stacked_sylvester(x, params)
+        return y, ladj, self.push_score(x.detach(), score)[1]
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         D, (A, B, b, q, W) = self._parts()
