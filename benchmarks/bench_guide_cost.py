@@ -4,6 +4,8 @@ Each guide trains on each model of the posterior suite with the SAME loss (``Tra
 with ``--particles`` vectorised particles, the package's default) and optimiser; the
 script prints ms per SVI step and the ratio to ``AutoMultivariateNormal`` measured in the
 same process (interleaved rounds, median), so machine load cancels out of the ratios.
+Each model's guides start from the same seed; a guide that fails on a model (e.g. its
+first steps reach NaN) is reported as ``failed``, with the error, and the others are timed.
 
     python benchmarks/bench_guide_cost.py                 # all suite models
     python benchmarks/bench_guide_cost.py --models eight_schools --steps 50
