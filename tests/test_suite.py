@@ -203,6 +203,17 @@ def test_runner_quick(tmp_path, capsys):
         ps.main(["--guides", "NoSuchGuide"])
 
 
+def _first_losses_on_stochastic_volatility(make_guide, seed, num_steps):
+    # the suite's training settings (ClippedAdam 0.01, 8 vectorised particles)
+    spec = MODELS["stoch_vol"]
+    settings = dict(FALLBACK, num_steps=1000, num_particles=8)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    guide = make_guide(spec.model)
+    svi = SVI(spec.model, guide, ps.make_optim(settings), ps.make_loss(settings))
+    return [svi.step(*spec.args) for _ in range(num_steps)]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_sylvester_guide_survives_its_first_steps_on_stochastic_volatility(seed):
     # The placed AR(1) series makes the first losses huge (1e3-1e5). Adam's first steps move
@@ -211,13 +222,7 @@ def test_sylvester_guide_survives_its_first_steps_on_stochastic_volatility(seed)
     # 1/sqrt(M), one step changes a row by ~lr sqrt(M), and training recovers.
     from pyro_nfvi.guides import AutoSylvesterFlow
 
-    spec = MODELS["stoch_vol"]
-    settings = dict(FALLBACK, num_steps=1000, num_particles=8)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    guide = AutoSylvesterFlow(spec.model)
-    svi = SVI(spec.model, guide, ps.make_optim(settings), ps.make_loss(settings))
-    losses = [svi.step(*spec.args) for _ in range(30)]
+    losses = _first_losses_on_stochastic_volatility(AutoSylvesterFlow, seed, 30)
     assert all(math.isfinite(v) for v in losses), losses
     assert min(losses[-10:]) < 1e4, losses
 
@@ -228,11 +233,6 @@ def test_hamiltonian_guide_survives_its_first_steps_on_stochastic_volatility(see
     # moved phi out of (-1, 1) (an invalid AR(1) scale_tril raised at step 0 on both seeds)
     import pyro_nfvi
 
-    spec = MODELS["stoch_vol"]
-    settings = dict(FALLBACK, num_steps=1000, num_particles=8)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(seed)
-    guide = pyro_nfvi.AutoHamiltonianFlow(spec.model, num_steps=4)
-    svi = SVI(spec.model, guide, ps.make_optim(settings), ps.make_loss(settings))
-    losses = [svi.step(*spec.args) for _ in range(5)]
+    losses = _first_losses_on_stochastic_volatility(
+        lambda model: pyro_nfvi.AutoHamiltonianFlow(model, num_steps=4), seed, 5)
     assert all(math.isfinite(v) for v in losses), losses

@@ -74,6 +74,25 @@ def _partial_factor(scale_tril: torch.Tensor, c: Optional[torch.Tensor]):
     return unit_c * log_d_c.exp().unsqueeze(-2), log_d_c
 
 
+def _normal_placement(loc: torch.Tensor, scale: torch.Tensor, c: Optional[torch.Tensor],
+                      x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``((1 - c) loc + scale^(1 - c) x, (1 - c) log scale)`` (``c = None`` means 0): the
+    placement of a Normal/LogNormal site and its log-Jacobian, per coordinate."""
+    if c is None:
+        value, log_jac = loc + scale * x, torch.log(scale)
+    else:
+        value, log_jac = (1 - c) * loc + scale.pow(1 - c) * x, (1 - c) * torch.log(scale)
+    return value, log_jac.expand(value.shape)
+
+
+def _normal_unplacement(loc: torch.Tensor, scale: torch.Tensor, c: Optional[torch.Tensor],
+                        value: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`_normal_placement`: the ``x`` that places at ``value``."""
+    if c is None:
+        return (value - loc) / scale
+    return (value - (1 - c) * loc) / scale.pow(1 - c)
+
+
 def mvn_placement(loc: torch.Tensor, scale_tril: torch.Tensor, c: Optional[torch.Tensor],
                   x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     r"""Partial non-centring of a multivariate normal site :math:`h \sim
@@ -231,14 +250,7 @@ class _PlaceLatents(Messenger):
             self.log_jac[name], self.params[name] = log_jac, (loc, scale_tril)
         elif name in self.centering:
             loc, scale = _loc_scale(msg["fn"])
-            c = self.centering[name]
-            if c is None:
-                unconstrained = loc + scale * x
-                log_jac = torch.log(scale)
-            else:
-                unconstrained = (1 - c) * loc + scale.pow(1 - c) * x
-                log_jac = (1 - c) * torch.log(scale)
-            log_jac = log_jac.expand(unconstrained.shape)
+            unconstrained, log_jac = _normal_placement(loc, scale, self.centering[name], x)
             self.log_jac[name], self.params[name] = log_jac, (loc, scale)
         else:
             unconstrained, log_jac = x, None
@@ -272,19 +284,10 @@ class _UnplaceLatents(Messenger):
         u = self.us[name]
         if name in self.centering and _loc_scale(msg["fn"]) is None:  # MultivariateNormal
             loc, scale_tril = _loc_scale_tril(msg["fn"])
-            c = self.centering[name]
-            factor, _ = _partial_factor(scale_tril, c)
-            shift = loc if c is None else (1 - c) * loc
-            rhs = (u - shift).unsqueeze(-1)
-            factor = factor.expand(rhs.shape[:-2] + factor.shape[-2:])
-            self.xs[name] = torch.linalg.solve_triangular(factor, rhs, upper=False).squeeze(-1)
+            self.xs[name] = mvn_unplacement(loc, scale_tril, self.centering[name], u)
         elif name in self.centering:
             loc, scale = _loc_scale(msg["fn"])
-            c = self.centering[name]
-            if c is None:
-                self.xs[name] = (u - loc) / scale
-            else:
-                self.xs[name] = (u - (1 - c) * loc) / scale.pow(1 - c)
+            self.xs[name] = _normal_unplacement(loc, scale, self.centering[name], u)
         else:
             self.xs[name] = u
         msg["value"] = biject_to(self.fns[name].support)(u)
