@@ -46,7 +46,10 @@ a singular layer, and :math:`\tanh\rho\tanh\sigma` rounds to :math:`-1` at
 :math:`|\rho|, |\sigma| \gtrsim 19` in float64), and the off-diagonals are bounded too:
 with the diagonals alone bounded, hypernetwork outputs of ~1e3 still give Jacobian
 condition numbers ~1e7 (round trips wrong by ~1e-9). :math:`\gamma` is loose (raw
-off-diagonals of a few units pass through almost unchanged). A zero raw value is the
+off-diagonals of a few units give :math:`\text{raw}/\sqrt M` almost exactly); the
+:math:`1/\sqrt M` keeps one optimiser step, which moves every raw entry by about the
+learning rate, from moving a row of :math:`M` entries by :math:`M` times the learning rate
+(without it a 53-D guide diverged in its first steps). A zero raw value is the
 layer :math:`\tilde R_{ii} = 1,\ R_{ii} = 0` (with zero off-diagonals and bias: the
 identity map, with non-zero gradients). :math:`\tilde R_{ii} > 0` loses nothing: flipping
 the signs of row :math:`i` of :math:`\tilde R`, column :math:`i` of :math:`R` and
