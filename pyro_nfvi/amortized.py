@@ -57,20 +57,23 @@ __all__ = ["AmortizedFlow", "ConditionalFlowPosterior", "AutoAmortizedFlow"]
 _FLOWS = ("planar", "radial", "sylvester")
 
 
-def _check_options(num_flows, flow, hidden_dims, init_scale) -> Tuple[int, str, List[int], float]:
+def _check_positive(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_options(
+    num_flows, flow, hidden_dims, init_scale, head_scale=0.1
+) -> Tuple[int, str, List[int], float, float]:
     """The checked posterior options of :class:`AmortizedFlow` (also checked by
     :class:`AutoAmortizedFlow` at construction, before any model run)."""
     num_flows = check_int(num_flows, "num_flows", 0)
     if flow not in _FLOWS:
         raise ValueError(f"flow must be one of {_FLOWS}, got {flow!r}")
     hidden_dims = check_hidden_dims(hidden_dims)
-    if (
-        isinstance(init_scale, bool)
-        or not isinstance(init_scale, numbers.Real)
-        or not 0 < init_scale < float("inf")
-    ):
-        raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
-    return num_flows, flow, hidden_dims, float(init_scale)
+    init_scale = _check_positive(init_scale, "init_scale")
+    return num_flows, flow, hidden_dims, init_scale, _check_positive(head_scale, "head_scale")
 
 
 class AmortizedFlow(nn.Module):
@@ -98,8 +101,15 @@ class AmortizedFlow(nn.Module):
     ``hidden_dims`` hidden ReLU layers; the default ``hidden_dims=()`` is a linear head on
     the context, as in the paper, where the inference network's last layer emits all
     parameters (put the feature extraction in the encoder that computes the context).
-    The outputs that parameterise the flow layers start at a tenth of PyTorch's default
-    initialisation, so that at step 0 each layer is a mild, nearly linear map.
+    The flow parameters are ``head_scale`` times the network's raw outputs, which start
+    at PyTorch's default initialisation (so each layer starts as a mild, nearly linear
+    map). Adam moves every weight by about its learning rate whatever the gradient's
+    scale, so ``head_scale`` is the flow head's step relative to the Gaussian's location
+    and scale. At ``head_scale=1`` all ``K`` layers move as fast as the location at every
+    step and their composed noise makes :math:`q(z \mid x)` worse as ``K`` grows (on
+    binarised MNIST with a frozen decoder, 6 epochs: test -ELBO 104.34 with the Gaussian
+    encoder, 104.34 with 16 and 105.02 with 64 planar layers at ``head_scale=1``, against
+    102.95 with 16 layers at the default 0.1; ``benchmarks/vae_mnist.py``).
 
     ``forward(context)`` returns a distribution with ``batch_shape = context.shape[:-1]``
     and ``event_shape = (latent_dim,)`` (the event dim is the latent dim, so use it in a
@@ -143,6 +153,10 @@ class AmortizedFlow(nn.Module):
         ``log_prob`` of a sample drawn by ``rsample`` is exact but its gradient keeps only
         the path term, dropping the zero-mean score term whose variance grows with the
         number of layers. Default ``False`` (the plain reparameterised gradient).
+    :param head_scale: multiplier of the network's flow-parameter outputs: the flow
+        head's optimiser step relative to the location's (see above). Default 0.1.
+        Stored in the state dict, so a saved posterior reloads with the scale it was
+        trained with.
     """
 
     def __init__(
@@ -154,14 +168,17 @@ class AmortizedFlow(nn.Module):
         hidden_dims: Sequence[int] = (),
         init_scale: float = 1.0,
         stl: bool = False,
+        head_scale: float = 0.1,
     ) -> None:
         super().__init__()
         self.stl = bool(stl)
         self.latent_dim = check_int(latent_dim, "latent_dim", 1)
         self.context_dim = check_int(context_dim, "context_dim", 1)
-        self.num_flows, self.flow, hidden_dims, init_scale = _check_options(
-            num_flows, flow, hidden_dims, init_scale
+        self.num_flows, self.flow, hidden_dims, init_scale, head_scale = _check_options(
+            num_flows, flow, hidden_dims, init_scale, head_scale
         )
+        # a buffer, not a float: the trained weights mean nothing without it
+        self.register_buffer("head_scale", torch.tensor(head_scale))
         self.init_scale = float(init_scale)
         self._scale_shift = math.log(math.expm1(self.init_scale))
 
@@ -181,9 +198,9 @@ class AmortizedFlow(nn.Module):
             layers += [nn.Linear(a, b), nn.ReLU()]
         layers.append(nn.Linear(sizes[-1], sum(self.param_dims)))
         self.net = nn.Sequential(*layers)
-        with torch.no_grad():  # flow parameters start small: mild layers at step 0
-            layers[-1].weight[2 * D :] *= 0.1
-            layers[-1].bias[2 * D :] *= 0.1
+        with torch.no_grad():  # flow parameters start at 0.1 x the default: mild layers
+            layers[-1].weight[2 * D :] *= 0.1 / head_scale
+            layers[-1].bias[2 * D :] *= 0.1 / head_scale
         if flow == "planar" and K > 0:
             # w = head output + a fixed unit vector per layer: each layer starts with a
             # unit-slope tanh along a random direction instead of w ~ 0 (a translation);
@@ -195,7 +212,7 @@ class AmortizedFlow(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"latent_dim={self.latent_dim}, context_dim={self.context_dim}, "
-            f"num_flows={self.num_flows}, flow={self.flow!r}"
+            f"num_flows={self.num_flows}, flow={self.flow!r}, head_scale={self.head_scale.item():g}"
         )
 
     def params(self, context: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, tuple]:
@@ -210,6 +227,8 @@ class AmortizedFlow(nn.Module):
         D, K = self.latent_dim, self.num_flows
         if K == 0:
             return loc, scale, ()
+        c = self.head_scale.to(loc.dtype)
+        out = out[:2] + tuple(o * c for o in out[2:])
         if self.flow == "sylvester":
             b, r, rt, u = out[2:]
             # the layers' bounded parameterisation makes raw zeros the identity layer
@@ -329,6 +348,7 @@ class AutoAmortizedFlow(AutoGuide):
     :param flow: ``"planar"``, ``"radial"`` or ``"sylvester"`` (see :class:`AmortizedFlow`).
     :param hidden_dims: hidden layers of the amortized head (see :class:`AmortizedFlow`).
     :param init_scale: initial scale of the local Gaussian (see :class:`AmortizedFlow`).
+    :param head_scale: step of the amortized flow head (see :class:`AmortizedFlow`).
     :param global_guide: a function ``model -> AutoGuide`` that builds the guide of the
         global sites from the model with the local sites hidden
         (``poutine.block(model, hide=local_sites)``); default
@@ -348,6 +368,7 @@ class AutoAmortizedFlow(AutoGuide):
         flow: str = "planar",
         hidden_dims: Sequence[int] = (),
         init_scale: float = 1.0,
+        head_scale: float = 0.1,
         global_guide: Optional[Callable[[Callable], AutoGuide]] = None,
         create_plates: Optional[Callable] = None,
     ) -> None:
@@ -370,14 +391,18 @@ class AutoAmortizedFlow(AutoGuide):
         # AmortizedFlow rather than _check_options alone: its layer initialisation draws
         # from the global random stream, and the seeded tests' outcomes depend on that
         # stream (issue 15.4: replace once those tests no longer hinge on one seed).
-        AmortizedFlow(1, 1, num_flows, flow, hidden_dims, init_scale)
+        AmortizedFlow(1, 1, num_flows, flow, hidden_dims, init_scale, head_scale=head_scale)
         super().__init__(model, create_plates=create_plates)
         self.plate_name = plate
         self.local_sites = local_sites
         self.encoder = encoder
         self.data_fn = data_fn
         self._posterior_kwargs = dict(
-            num_flows=num_flows, flow=flow, hidden_dims=tuple(hidden_dims), init_scale=init_scale
+            num_flows=num_flows,
+            flow=flow,
+            hidden_dims=tuple(hidden_dims),
+            init_scale=init_scale,
+            head_scale=head_scale,
         )
         self._global_guide_fn = global_guide
         self.global_guide = None

@@ -365,3 +365,59 @@ def test_zero_network_output_is_the_identity_flow(flow):
     y = transform(x)
     assert torch.allclose(y, x, atol=1e-12, rtol=0)
     assert torch.allclose(transform.log_abs_det_jacobian(x, y), torch.zeros(6, dtype=torch.float64), atol=1e-12)
+
+
+# --------------------------------------------------------------------- head_scale
+def test_head_scale_errors():
+    for bad in (0.0, -0.5, float("inf"), float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="head_scale"):
+            AmortizedFlow(2, 3, head_scale=bad)
+    with pytest.raises(ValueError, match="head_scale"):  # before any model run
+        AutoAmortizedFlow(_global_local_model, plate="data", local_sites="z",
+                          encoder=torch.nn.Linear(3, 4), data_fn=lambda x: x, head_scale=0.0)
+
+
+@pytest.mark.parametrize("flow", ["planar", "radial", "sylvester"])
+def test_head_scale_keeps_the_initial_posterior_and_scales_the_flow_step(flow):
+    """The same seed gives the same q(z|x) at step 0 whatever head_scale; one Adam step
+    (about lr per weight, whatever the gradient's scale) then moves the flow parameters
+    head_scale times as far, and the location exactly as far."""
+    D, C, K = 3, 5, 4
+    context = torch.randn(7, C, dtype=torch.float64)
+    moved = {}
+    for c in (1.0, 0.1):
+        torch.manual_seed(0)
+        q_net = AmortizedFlow(D, C, num_flows=K, flow=flow, head_scale=c).double()
+        before = q_net.params(context)
+        opt = torch.optim.Adam(q_net.parameters(), lr=1e-3)
+        torch.manual_seed(1)
+        q = q_net(context)
+        loss = -(dist.Normal(1.0, 0.5).expand([D]).to_event(1).log_prob(q.rsample()) - q.log_prob(q.rsample())).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        after = q_net.params(context)
+        moved[c] = (before, after)
+    (b1, a1), (b01, a01) = moved[1.0], moved[0.1]
+    for p1, p01 in zip(b1[2], b01[2]):  # same start
+        assert torch.allclose(p1, p01, atol=1e-7, rtol=0)  # float32 init rounding
+    assert torch.allclose(b1[0], b01[0], atol=1e-12)
+    # the location moves the same, the flow parameters a tenth as far
+    assert torch.allclose(a1[0] - b1[0], a01[0] - b01[0], atol=1e-9)
+    for p_b1, p_a1, p_b01, p_a01 in zip(b1[2], a1[2], b01[2], a01[2]):
+        step1, step01 = p_a1 - p_b1, p_a01 - p_b01
+        assert step1.abs().max() > 1e-4
+        assert torch.allclose(step01, 0.1 * step1, atol=1e-6 * step1.abs().max().item(), rtol=1e-4)
+
+
+def test_head_scale_travels_with_the_state_dict():
+    torch.manual_seed(0)
+    trained = AmortizedFlow(3, 5, num_flows=4, head_scale=0.5)
+    fresh = AmortizedFlow(3, 5, num_flows=4)  # default head_scale 0.1
+    fresh.load_state_dict(trained.state_dict())
+    context, value = torch.randn(6, 5), torch.randn(6, 3)
+    assert fresh.head_scale.item() == 0.5
+    assert torch.allclose(fresh(context).log_prob(value), trained(context).log_prob(value))
+    old = {k: v for k, v in trained.state_dict().items() if k != "head_scale"}
+    with pytest.raises(RuntimeError, match="head_scale"):  # a checkpoint from before the option
+        fresh.load_state_dict(old)
