@@ -198,8 +198,8 @@ def _score_by_autograd(flow, y):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("stacked", [False, True])
-def test_push_score_matches_autograd_through_the_inverse(variant, stacked):
-    D = 5
+@pytest.mark.parametrize("D", [5, 12])  # the fused push: substitution loop (M <= 8), triangular solve
+def test_push_score_matches_autograd_through_the_inverse(variant, stacked, D):
     flow = randomize_(make(variant, D, stacked), 1.0, seed=7).double()
     x = torch.randn(30, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     y, score_y = flow.push_score(x, -x)
