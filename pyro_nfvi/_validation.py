@@ -13,7 +13,7 @@ from typing import Any, List, Optional
 
 import torch
 
-__all__ = ["ArgumentError", "check_context", "check_hidden_dims", "check_int"]
+__all__ = ["ArgumentError", "check_context", "check_hidden_dims", "check_int", "check_positive"]
 
 
 class ArgumentError(ValueError, TypeError):
@@ -32,6 +32,18 @@ def check_int(value: Any, name: str, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ArgumentError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_positive(value: Any, name: str) -> float:
+    """``value`` as a ``float``, or :class:`ArgumentError` unless it is a finite real
+    number > 0 (not ``bool``).
+
+    >>> check_positive(0.1, "head_scale")
+    0.1
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+        raise ArgumentError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
 
 
 def check_hidden_dims(hidden_dims: Any, name: str = "hidden_dims") -> List[int]:

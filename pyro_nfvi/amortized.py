@@ -31,7 +31,6 @@ importance-sampling estimates of :math:`\log p(x)` or for checking a posterior.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -46,7 +45,7 @@ from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.guides import AutoGuide
 from pyro.infer.autoguide.utils import _product
 
-from ._validation import check_context, check_hidden_dims, check_int
+from ._validation import check_context, check_hidden_dims, check_int, check_positive
 from .guides.posterior import _FlowPosterior
 from .transforms.planar import ConditionedStackedPlanar
 from .transforms.radial import ConditionedStackedRadial
@@ -55,12 +54,6 @@ from .transforms.sylvester import ConditionedStackedSylvester, _unpack_triu
 __all__ = ["AmortizedFlow", "ConditionalFlowPosterior", "AutoAmortizedFlow"]
 
 _FLOWS = ("planar", "radial", "sylvester")
-
-
-def _check_positive(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
 
 
 def _check_options(
@@ -72,8 +65,8 @@ def _check_options(
     if flow not in _FLOWS:
         raise ValueError(f"flow must be one of {_FLOWS}, got {flow!r}")
     hidden_dims = check_hidden_dims(hidden_dims)
-    init_scale = _check_positive(init_scale, "init_scale")
-    return num_flows, flow, hidden_dims, init_scale, _check_positive(head_scale, "head_scale")
+    init_scale = check_positive(init_scale, "init_scale")
+    return num_flows, flow, hidden_dims, init_scale, check_positive(head_scale, "head_scale")
 
 
 class AmortizedFlow(nn.Module):
@@ -228,8 +221,7 @@ class AmortizedFlow(nn.Module):
         D, K = self.latent_dim, self.num_flows
         if K == 0:
             return loc, scale, ()
-        c = self.head_scale.to(loc.dtype)
-        out = out[:2] + tuple(o * c for o in out[2:])
+        out = out[:2] + tuple(o * self.head_scale for o in out[2:])
         if self.flow == "sylvester":
             b, r, rt, u = out[2:]
             # the layers' bounded parameterisation makes raw zeros the identity layer
