@@ -6,8 +6,9 @@ times, our stack in eager mode, and our stack with ``compile=True``; ratios are
 ``pyro ms / ours ms`` from the same process.
 
 Part 2: one SVI step (Trace_ELBO, 1 particle, Adam) on a 2-D model for
-``pyro_nfvi.guides.AutoPlanarFlow(num_flows=32)`` (defaults: sticking-the-landing on; and
-with ``stl=False``), Pyro's
+``pyro_nfvi.guides.AutoPlanarFlow(num_flows=32)`` (defaults: sticking-the-landing,
+full-rank affine base, hierarchical placement), the same with each of those switched off
+and with all three off (a cost ledger: what each default costs per step), Pyro's
 ``AutoNormalizingFlow(partial(iterated, 32, planar))`` and ``AutoNormal``.
 
 Part 3 (full run only): the same guides plus radial ones on a logistic regression
@@ -169,7 +170,14 @@ def svi_step(guide):
     return svi.step
 
 
-DEFAULTS = "ours AutoPlanarFlow(32)"  # the guide's defaults: STL on, full rank
+DEFAULTS = "ours AutoPlanarFlow(32)"  # the guide's defaults: STL on, full rank, placement
+# The default features, each switched off (``centered=1.0``: no hierarchical placement),
+# then all at once: the ledger of what the default step pays for.
+_OFF = {"sticking the landing": {"stl": False}, "full-rank affine": {"full_rank": False},
+        "hierarchical placement": {"centered": 1.0}}
+LEDGER = {f"ours AutoPlanarFlow(32, {', '.join(f'{k}={v}' for k, v in o.items())})": o
+          for o in list(_OFF.values()) + [{k: v for o in _OFF.values() for k, v in o.items()}]}
+LEDGER_ALL_OFF = list(LEDGER)[-1]
 
 
 def bench_svi(use_compile: bool, rounds: int) -> dict:
@@ -185,7 +193,9 @@ def bench_svi(use_compile: bool, rounds: int) -> dict:
         PyroAutoNormalizingFlow(svi_model, partial(T.iterated, 32, T.planar))
     )
     steps[DEFAULTS] = svi_step(AutoPlanarFlow(svi_model, num_flows=32))
-    steps["ours AutoPlanarFlow(32, stl=False)"] = svi_step(AutoPlanarFlow(svi_model, num_flows=32, stl=False))
+    # the cost ledger: each default feature switched off alone, then all three
+    for label, options in LEDGER.items():
+        steps[label] = svi_step(AutoPlanarFlow(svi_model, num_flows=32, **options))
     if use_compile:
         torch._dynamo.reset()
         steps["ours AutoPlanarFlow(32, compile)"] = svi_step(
@@ -195,10 +205,23 @@ def bench_svi(use_compile: bool, rounds: int) -> dict:
     ref = ms["pyro AutoNormalizingFlow(32 planar)"]
     for name, v in ms.items():
         print(
-            f"{name:36s} {v:8.3f} ms   pyro-flow/this {ref / v:5.1f}x   "
+            f"{name:52s} {v:8.3f} ms   pyro-flow/this {ref / v:5.1f}x   "
             f"this/AutoNormal {v / ms['AutoNormal']:4.2f}x"
         )
+    print_ledger(ms)
     return ms
+
+
+def print_ledger(ms: dict) -> None:
+    """What each default feature of the guide costs in this run: the step with it
+    switched off, subtracted from the default step (ms), and what is left over
+    AutoNormal once all three are off (the 32-layer kernel and the affine base)."""
+    print("\ncost ledger, ms per step from this run (default minus the feature off):")
+    for label, options in LEDGER.items():
+        name = ", ".join(f"{k}={v}" for k, v in options.items())
+        print(f"  {name:44s} {ms[DEFAULTS] - ms[label]:+7.3f} ms")
+    bare = ms[LEDGER_ALL_OFF]
+    print(f"  {'left with all three off, over AutoNormal':44s} {bare - ms['AutoNormal']:+7.3f} ms")
 
 
 def print_targets(flows: dict, svi: dict) -> None:

@@ -26,6 +26,11 @@ def test_bench_speed_quick_runs(capsys):
     out = capsys.readouterr().out
     for line in ("planar   32   256   2", "radial   32   256   2", "ours AutoPlanarFlow(32)"):
         assert line in out
+    # the cost ledger: one line per default feature switched off, and the remainder
+    ledger = out.split("cost ledger")[1].split("== targets")[0]
+    for feature in ("stl=False", "full_rank=False", "centered=1.0", "over AutoNormal"):
+        assert feature in ledger
+    assert ledger.count(" ms") == 5
     assert "nan" not in out
 
 
