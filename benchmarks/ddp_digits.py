@@ -49,6 +49,9 @@ def load_data(seed: int = 0):
 
 def worker(args) -> None:
     torch.set_num_threads(1)
+    # pyro_nfvi.lightning first: it imports Lightning past the error that PyPI's (CUDA)
+    # torchvision raises next to a CPU torch, which Lightning's own import would hit
+    from pyro_nfvi.lightning import PyroLightningModule  # noqa: I001
     import lightning.pytorch as pl
     import pyro
     import pyro.distributions as dist
@@ -56,7 +59,6 @@ def worker(args) -> None:
     from torch.utils.data import DataLoader, TensorDataset
 
     from pyro_nfvi.amortized import AutoAmortizedFlow
-    from pyro_nfvi.lightning import PyroLightningModule
 
     t_start = time.perf_counter()
     pl.seed_everything(args.seed, verbose=False)

@@ -71,11 +71,13 @@ ever reads a log-density computed with old parameters.
 Example (one process here; ``devices=N, strategy="ddp"`` or ``torchrun`` for more)::
 
     >>> import torch, pyro, pyro.distributions as dist
+    >>> # first: it imports Lightning past the import error of PyPI's torchvision next to
+    >>> # a CPU torch (Lightning imports torchvision when it is installed)
+    >>> from pyro_nfvi.lightning import PyroLightningModule
     >>> import lightning.pytorch as pl
     >>> from torch.utils.data import DataLoader, TensorDataset
     >>> from pyro.nn import PyroModule
     >>> from pyro_nfvi import AutoPlanarFlow
-    >>> from pyro_nfvi.lightning import PyroLightningModule
     >>> N = 64
     >>> class Model(PyroModule):
     ...     def forward(self, idx, x):

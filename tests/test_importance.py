@@ -208,12 +208,15 @@ def test_misfitted_flow_guide_on_constrained_site():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("make_guide", [
-    lambda m: AutoPlanarFlow(m, num_flows=8),
+    lambda m: AutoPlanarFlow(m, num_flows=8, base="studentt"),
     lambda m: AutoMultivariateNormal(m),
-], ids=["AutoPlanarFlow", "AutoMultivariateNormal"])
+], ids=["AutoPlanarFlow-studentt", "AutoMultivariateNormal"])
 def test_fitted_guide_on_normal_gamma_model(make_guide):
     # Normal-Gamma: a skewed, coupled posterior with exact marginals (tau ~ Gamma,
     # mu ~ Student t). A short SVI fit leaves the guide imperfect; the weights fix it.
+    # The planar guide with its default normal base fits the moments closely here but its
+    # Gaussian tails leave k-hat above 0.7 on some seeds (0.19-1.34 over seeds 0-5, this
+    # protocol); the Student-t base is the package's remedy (-0.05-0.61 over seeds 0-5).
     x = torch.tensor([0.3, 1.9, 1.1, -0.4, 2.2])
     m0, k0, a0, b0 = 0.0, 1.0, 2.0, 1.0
 

@@ -166,15 +166,19 @@ def test_fit_density_raises_on_nan():
 
 
 @pytest.mark.slow
-def test_annealing_keeps_u1_bimodal():
+def test_annealing_lowers_the_u1_kl():
+    """β-annealing on U1 (two lobes): with it, 32 planar layers reach KL < 0.05 on each
+    seed, and over two seeds a KL at least 5x below the runs without it (measured: 0.084
+    and 0.030 without, 0.003 and 0.002 with)."""
     from pyro_nfvi.targets import get_target
 
     t = get_target("U1")
-    kls = {}
-    for anneal in (0, None):
-        torch.manual_seed(0)
-        res = fit_density(_planar(32), t, num_steps=4000, anneal_steps=anneal,
-                          progress=False, seed=0)
-        kls[anneal] = kl_divergence(res.q, t, 20000, seed=0)[0]
-    assert abs(kls[0] - math.log(2)) < 0.05  # collapsed onto one of the two modes
-    assert kls[None] < 0.05
+    kls = {0: [], None: []}
+    for seed in (0, 1):
+        for anneal in (0, None):
+            torch.manual_seed(seed)
+            res = fit_density(_planar(32), t, num_steps=4000, anneal_steps=anneal,
+                              progress=False, seed=seed)
+            kls[anneal].append(kl_divergence(res.q, t, 20000, seed=0)[0])
+    assert max(kls[None]) < 0.05
+    assert sum(kls[0]) > 5 * sum(kls[None])
