@@ -73,18 +73,20 @@ PAPER = {
 
 
 class VAE(nn.Module):
-    def __init__(self, family: str, num_flows: int, head_scale: float = 0.1):
+    def __init__(self, family: str, num_flows: int, **posterior_options):
+        """``posterior_options`` (e.g. ``head_scale``) go to ``AmortizedFlow``: its defaults
+        unless given."""
         super().__init__()
         self.decoder = nn.Sequential(nn.Linear(LATENT, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, PIXELS))
         self.encoder = nn.Sequential(nn.Linear(PIXELS, HIDDEN), nn.ReLU())
         if family == "iaf":
-            self.q = AmortizedFlow(LATENT, HIDDEN, num_flows=0)
+            self.q = AmortizedFlow(LATENT, HIDDEN, num_flows=0, **posterior_options)
             self.iaf = nn.ModuleList(
                 T.conditional_affine_autoregressive(LATENT, HIDDEN, hidden_dims=[HIDDEN])
                 for _ in range(num_flows)
             )
         else:
-            self.q = AmortizedFlow(LATENT, HIDDEN, num_flows=num_flows, flow=family, head_scale=head_scale)
+            self.q = AmortizedFlow(LATENT, HIDDEN, num_flows=num_flows, flow=family, **posterior_options)
             self.iaf = nn.ModuleList()
 
     def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:

@@ -57,7 +57,7 @@ _FLOWS = ("planar", "radial", "sylvester")
 
 
 def _check_options(
-    num_flows, flow, hidden_dims, init_scale, head_scale=0.1
+    num_flows, flow, hidden_dims, init_scale, head_scale
 ) -> Tuple[int, str, List[int], float, float]:
     """The checked posterior options of :class:`AmortizedFlow` (also checked by
     :class:`AutoAmortizedFlow` at construction, before any model run)."""
@@ -216,23 +216,24 @@ class AmortizedFlow(nn.Module):
         alpha' (..., K, 1), beta' (..., K, 1))`` (radial), ``(b (..., K, D), R (..., K, D, D),
         R_tilde (..., K, D, D), U (..., K, D, D))`` (sylvester, raw), or ``()`` when ``K = 0``."""
         check_context(context, self.context_dim)
-        out = self.net(context).split(self.param_dims, dim=-1)
-        loc, scale = out[0], F.softplus(out[1] + self._scale_shift)
         D, K = self.latent_dim, self.num_flows
+        out = self.net(context)
+        loc, scale = out[..., :D], F.softplus(out[..., D : 2 * D] + self._scale_shift)
         if K == 0:
             return loc, scale, ()
-        out = out[:2] + tuple(o * self.head_scale for o in out[2:])
+        # the flow block scaled once, then split per parameter
+        out = (out[..., 2 * D :] * self.head_scale).split(self.param_dims[2:], dim=-1)
         if self.flow == "sylvester":
-            b, r, rt, u = out[2:]
+            b, r, rt, u = out
             # the layers' bounded parameterisation makes raw zeros the identity layer
             R = _unpack_triu(r.unflatten(-1, (K, -1)), D)
             Rt = _unpack_triu(rt.unflatten(-1, (K, -1)), D)
             return loc, scale, (b.unflatten(-1, (K, D)), R, Rt, u.unflatten(-1, (K, D, D)))
         if self.flow == "planar":
-            bias, u, w = out[2:]
+            bias, u, w = out
             u, w = u.unflatten(-1, (K, D)), w.unflatten(-1, (K, D)) + self._w_offset.to(w.dtype)
             return loc, scale, (bias.unsqueeze(-1), u, w)
-        x0, alpha_prime, beta_prime = out[2:]
+        x0, alpha_prime, beta_prime = out
         return loc, scale, (x0.unflatten(-1, (K, D)), alpha_prime.unsqueeze(-1), beta_prime.unsqueeze(-1))
 
     def get_transform(self, context: torch.Tensor) -> Optional[dist.transforms.Transform]:
