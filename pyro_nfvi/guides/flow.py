@@ -296,14 +296,24 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         if centering is not None:
             self.centering = PyroParam(centering, constraints.unit_interval)
 
-    def _centering(self, name: str) -> Optional[torch.Tensor]:
-        """The centredness of a hierarchical site, shaped like its unconstrained value
-        (``None`` for fully non-centred)."""
+    def _centerings(self) -> Dict[str, Optional[torch.Tensor]]:
+        """The centredness of each hierarchical site, shaped like its unconstrained value
+        (``None`` for fully non-centred). The learnable one is read once: each read of a
+        Pyro parameter is a ``pyro.param`` statement."""
+        if not self._hierarchical:
+            return {}
         if self.centered == 0.0:
-            return None
+            return dict.fromkeys(self._hierarchical)
         if self.centered is not None:
-            return torch.tensor(self.centered, dtype=self.loc.dtype, device=self.loc.device)
-        return self.centering[self._hierarchical[name]].reshape(self._unconstrained_shapes[name])
+            c = torch.tensor(self.centered, dtype=self.loc.dtype, device=self.loc.device)
+            return dict.fromkeys(self._hierarchical, c)
+        flat = self.centering
+        return {name: flat[where].reshape(self._unconstrained_shapes[name])
+                for name, where in self._hierarchical.items()}
+
+    def _centering(self, name: str) -> Optional[torch.Tensor]:
+        """The centredness of one hierarchical site (see :meth:`_centerings`)."""
+        return self._centerings()[name]
 
     @property
     def hierarchical_sites(self) -> Dict[str, Optional[torch.Tensor]]:
@@ -311,7 +321,7 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         current centredness (0: non-centred, 1: centred; ``None`` means 0). Empty before the
         first call."""
         with torch.no_grad():
-            return {name: self._centering(name) for name in self._hierarchical}
+            return self._centerings()
 
     def _check_setup(self, *args, **kwargs) -> None:
         if self.prototype_trace is None:
@@ -344,7 +354,7 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         xs = layout.split(latent)
         # the centredness is read here, outside the blocked model run, so that its
         # pyro.param statement reaches SVI's parameter capture
-        centering = {name: self._centering(name) for name in self._hierarchical}
+        centering = self._centerings()
         fns = layout.fns
         placed = place_latents(self.model, xs, centering, fns, args, kwargs)
         result = {}

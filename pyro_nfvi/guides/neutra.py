@@ -59,7 +59,7 @@ from pyro.poutine.plate_messenger import block_plate
 
 from ..transforms._base import LadjCacheMixin
 from .placement import (_loc_scale, _loc_scale_tril, _PlaceLatents, _run_latents,
-                        _UnplaceLatents, mvn_placement)
+                        _normal_placement, _UnplaceLatents, mvn_placement)
 from .posterior import elementary_parts
 
 
@@ -142,7 +142,7 @@ class PlacedFlowTransform(Transform):
         self.guide = guide
         self.parts = elementary_parts(parts)
         self.args, self.kwargs = tuple(args), dict(kwargs)
-        self.centering = {name: guide._centering(name) for name in guide._hierarchical}
+        self.centering = guide._centerings()
         self._nesting = _plate_nesting(guide.prototype_trace)
         self._last: Optional[tuple] = None  # (eps, u, log-det) of the last call
 
@@ -258,7 +258,7 @@ def _arguments_in_placement(guide, args: tuple, kwargs: dict
         fns[name] = site["fn"]
         xs[name] = biject_to(site["fn"].support).inv(site["value"]).detach()
     with torch.no_grad():
-        centering = {name: guide._centering(name) for name in guide._hierarchical}
+        centering = guide._centerings()
     placer = _PlaceLatents(xs, centering, fns, densities=False)
     try:
         with torch.enable_grad(), torch.random.fork_rng(devices=[]):
@@ -405,11 +405,7 @@ class NeuTraReparam(pyro.infer.reparam.NeuTraReparam):
             u, log_jac = mvn_placement(*_loc_scale_tril(fn), guide._centering(name), x)
         elif places and name in guide._hierarchical:  # placed from this run's own prior
             loc, scale = _loc_scale(fn)
-            c = guide._centering(name)
-            if c is None:
-                u, log_jac = loc + scale * x, torch.log(scale)
-            else:
-                u, log_jac = (1 - c) * loc + scale.pow(1 - c) * x, (1 - c) * torch.log(scale)
+            u, log_jac = _normal_placement(loc, scale, guide._centering(name), x)
         else:
             u = x
         transform = biject_to(fn.support)

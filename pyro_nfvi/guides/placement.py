@@ -9,6 +9,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch.distributions import biject_to
+from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
 import pyro
 import pyro.distributions as dist
@@ -81,7 +82,8 @@ def _normal_placement(loc: torch.Tensor, scale: torch.Tensor, c: Optional[torch.
     if c is None:
         value, log_jac = loc + scale * x, torch.log(scale)
     else:
-        value, log_jac = (1 - c) * loc + scale.pow(1 - c) * x, (1 - c) * torch.log(scale)
+        keep = 1 - c  # one op for the three uses (each also a node in the backward)
+        value, log_jac = keep * loc + scale.pow(keep) * x, keep * torch.log(scale)
     return value, log_jac.expand(value.shape)
 
 
@@ -146,14 +148,25 @@ def mvn_unplacement(loc: torch.Tensor, scale_tril: torch.Tensor, c: Optional[tor
     return torch.linalg.solve_triangular(factor, r, upper=False).squeeze(-1)
 
 
+def _is_identity(transform) -> bool:
+    """Whether ``transform`` is the identity (``biject_to`` of a real support)."""
+    while isinstance(transform, IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, ComposeTransform) and not transform.parts
+
+
 def to_site(fn, unconstrained: torch.Tensor, log_jac: Optional[torch.Tensor] = None):
     """``(value, log|d x / d value|)``: an unconstrained draw mapped by the support bijection
     of the site distribution ``fn``; ``log_jac`` (shaped like ``unconstrained``) is the
     log-Jacobian of a placement ``x -> unconstrained`` that came before."""
     transform = biject_to(fn.support)
-    value = transform(unconstrained)
     if poutine.get_mask() is False:
-        return value, 0.0
+        return transform(unconstrained), 0.0
+    if _is_identity(transform):  # a real support: no map, no log-Jacobian of its own
+        if log_jac is None:
+            return unconstrained, 0.0
+        return unconstrained, -sum_rightmost(log_jac, fn.event_dim)
+    value = transform(unconstrained)
     log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
     log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + fn.event_dim)
     if log_jac is not None:  # (Multivariate)Normal/LogNormal: value and x have one shape
