@@ -35,11 +35,10 @@ import warnings
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
-from pyro import poutine
-from pyro.infer.importance import vectorized_importance_weights
 from pyro.ops.stats import fit_generalized_pareto
 
 from ._validation import check_int
+from ._weights import _draw, plate_nesting
 from .targets import log_density_fn
 
 __all__ = [
@@ -218,30 +217,6 @@ def evaluate_density(
     }
 
 
-def plate_nesting(*traces) -> int:
-    """The number of batch dims the vectorised plates of these traces use (``-dim`` of the
-    leftmost plate): the ``max_plate_nesting`` they need, 0 without plates. The one place
-    that reads it off traces (``importance.py`` needs the same number)."""
-    dims = [
-        -f.dim
-        for tr in traces
-        for site in tr.nodes.values()
-        if site["type"] == "sample"
-        for f in site["cond_indep_stack"]
-        if f.vectorized and f.dim is not None
-    ]
-    return max(dims, default=0)
-
-
-def _guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
-    with poutine.block(), torch.no_grad():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
-    return plate_nesting(model_trace, guide_trace)
-
-
 @torch.no_grad()
 def importance_log_weights(
     model: Callable,
@@ -254,37 +229,16 @@ def importance_log_weights(
 ) -> torch.Tensor:
     """``num_samples`` log weights ``log p(x, z) − log q(z)``, ``z ~ guide``.
 
-    Vectorised over an outer ``pyro.plate`` (Pyro's
+    Drawn as :func:`~pyro_nfvi.importance.importance_sample` draws them (one home):
+    vectorised over an outer ``pyro.plate`` (Pyro's
     :func:`~pyro.infer.importance.vectorized_importance_weights`) when ``vectorize`` is
-    ``True`` or ``None``; if that fails and ``vectorize`` is ``None``, falls back to a
-    loop over samples with ``poutine.trace``/``poutine.replay``.
+    ``True`` or ``None``, with two draws re-scored one at a time (a model that broadcasts
+    its own tensors against the particle dim runs vectorised with the right shapes and
+    wrong numbers); if that fails and ``vectorize`` is ``None``, a loop over samples with
+    ``poutine.trace``/``poutine.replay``.
     """
     num_samples = _check_num_samples(num_samples)
-    if vectorize is not False:
-        try:
-            mpn = max_plate_nesting
-            if mpn is None:
-                mpn = _guess_max_plate_nesting(model, guide, args, kwargs)
-            with poutine.block():
-                lw, _, _ = vectorized_importance_weights(
-                    model, guide, *args, num_samples=num_samples, max_plate_nesting=mpn, **kwargs
-                )
-            if lw.shape == (num_samples,):
-                return lw.detach().double()
-            if vectorize:
-                raise ValueError(f"vectorized log weights have shape {tuple(lw.shape)}")
-        except Exception:
-            if vectorize:
-                raise
-    out = []
-    with poutine.block():
-        for _ in range(num_samples):
-            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-                *args, **kwargs
-            )
-            out.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
-    return torch.stack(out).detach().double()
+    return _draw(model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize, None)[1]
 
 
 def evaluate_guide(

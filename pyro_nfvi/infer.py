@@ -33,6 +33,7 @@ Example (reverse-KL fitting of a 2-D density)::
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -47,8 +48,9 @@ from pyro.infer.util import zero_grads
 from torch.distributions import Transform
 from torch.distributions.transforms import AffineTransform
 
-from ._validation import check_int
+from ._validation import ArgumentError, check_int, check_positive
 from .diagnostics import plate_nesting
+from ._weights import vectorization_problem
 from .targets import log_density_fn
 try:  # notebook widget bars need ipywidgets; without it tqdm.auto only warns
     import ipywidgets  # noqa: F401
@@ -72,6 +74,8 @@ DEFAULT_LR_END = 0.001
 def default_optim(num_steps: int, lr: float = DEFAULT_LR, lr_end: float = DEFAULT_LR_END):
     """``ClippedAdam`` with the learning rate decaying geometrically from ``lr`` to
     ``lr_end`` over ``num_steps`` steps (the optimiser :func:`fit` uses by default)."""
+    num_steps = check_int(num_steps, "num_steps")
+    lr, lr_end = check_positive(lr, "lr"), check_positive(lr_end, "lr_end")
     return pyro.optim.ClippedAdam({"lr": lr, "lrd": (lr_end / lr) ** (1.0 / num_steps)})
 
 
@@ -122,6 +126,13 @@ def fit(
     """
     num_steps = check_int(num_steps, "num_steps")
     num_particles = check_int(num_particles, "num_particles")
+    for name, value in (("model", model), ("guide", guide)):
+        if not callable(value):
+            raise ArgumentError(f"{name} must be callable (a Pyro {name}), got {type(value).__name__}")
+    if loss is not None and not (isinstance(loss, pyro.infer.ELBO) or callable(loss)):
+        raise ArgumentError(f"loss must be a Pyro ELBO (e.g. Trace_ELBO()), got {type(loss).__name__}")
+    if callback is not None and not callable(callback):
+        raise ArgumentError(f"callback must be callable or None, got {type(callback).__name__}")
     if optim is None:
         optim = default_optim(num_steps)
     fallback = None
@@ -158,6 +169,19 @@ def fit(
                     raise ValueError(f"SVI step {step} (of {num_steps}) failed: {e}") from e
                 else:
                     raise
+            if step == 0 and fallback is not None:
+                # after step 0 (the guide is set up): a model that runs vectorised with
+                # the right shapes can still mix its particles (e.g. a sum over a batch
+                # dim); two of them are re-scored one at a time, off the random stream
+                problem = vectorization_problem(model, guide, args, kwargs, nesting)
+                if problem is not None:
+                    warnings.warn(
+                        f"{problem}; fit() uses {num_particles} sequential particles per step "
+                        "from step 1 on (the loss of step 0 is the vectorised one)",
+                        RuntimeWarning,
+                    )
+                    svi = SVI(model, guide, optim, fallback)
+                fallback = None
             history.append(value)
             running = value if running is None else 0.95 * running + 0.05 * value
             bar.update(1)
@@ -330,8 +354,17 @@ def fit_density(
     :raises FloatingPointError: on a NaN/inf loss (the message names the step).
     """
     num_steps = check_int(num_steps, "num_steps")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch_size = check_int(batch_size, "batch_size")
+    dim = check_int(dim, "dim")
+    lr = check_positive(lr, "lr")
+    if isinstance(lr_min, bool) or not isinstance(lr_min, numbers.Real) or not 0.0 <= lr_min <= lr:
+        raise ArgumentError(f"lr_min must be a number in [0, lr={lr}], got {lr_min!r}")
+    if clip_norm is not None:
+        clip_norm = check_positive(clip_norm, "clip_norm")
+    if affine:
+        init_scale = check_positive(init_scale, "init_scale")
+    if callback is not None and not callable(callback):
+        raise ArgumentError(f"callback must be callable or None, got {type(callback).__name__}")
     if not 0.0 < beta0 <= 1.0:
         raise ValueError(f"beta0 must be in (0, 1], got {beta0}")
     if anneal_steps is None:
@@ -381,6 +414,16 @@ def fit_density(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            grads = [p.grad for p in params if p.grad is not None]
+            # one synchronising check; a non-finite gradient would write NaN into the flow
+            if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+                optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(
+                    f"fit_density loss is finite ({value:.6g}) at step {step} (of {num_steps}) "
+                    "but its gradient is not; no optimiser step was taken (the parameters are "
+                    "those after the last good step). Check the target's gradient, lower lr "
+                    "or set clip_norm"
+                )
             if clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, clip_norm)
             optimizer.step()

@@ -176,3 +176,17 @@ def test_evaluate_guide_bad_guide_and_kwargs():
     assert d["ess"] < 0.5
     lw = importance_log_weights(model, guide, X, num_samples=50, shift=-1.0)
     assert lw.shape == (50,)
+
+
+def test_evaluate_guide_catches_a_model_that_mixes_particles():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z.sum(), 1.0), obs=torch.tensor(1.0))  # mixes particles
+
+    def guide():
+        pyro.sample("z", dist.Normal(0.5, 0.5 ** 0.5))  # the exact posterior
+
+    exact = float(dist.Normal(0.0, 2 ** 0.5).log_prob(torch.tensor(1.0)))
+    pyro.set_rng_seed(0)
+    d = evaluate_guide(model, guide, num_samples=200)
+    assert abs(d["elbo"] - exact) < 1e-4 and abs(d["iwae"] - exact) < 1e-4

@@ -212,3 +212,39 @@ def test_fit_density_improves_the_auxiliary_bound():
                       progress=False, seed=0)
     kl1, se1 = kl_divergence(fit.q, target, 2000, seed=1)
     assert math.isfinite(kl1) and kl1 < 0.5 * kl0 and kl1 > -4 * se1
+
+
+# ------------------------------------------------------------------ the cache follows the potential
+def test_cache_follows_a_replaced_potential_and_its_parameters():
+    h = Hamiltonian(2, lambda z: 0.5 * (z ** 2).sum(-1), num_steps=3, step_size=0.5).double()
+    x = torch.randn(4, 4, dtype=torch.float64)
+    y = h(x)
+    h.potential = lambda z: 2.0 * (z ** 2).sum(-1)  # replaced: the cached pair is stale
+    assert not torch.allclose(h(x), y)
+    torch.testing.assert_close(h(x), h(x.clone()), rtol=0, atol=0)
+    # a learnable parameter in the potential's closure, changed in place (an optimiser step)
+    scale = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+    h = Hamiltonian(2, lambda z: 0.5 * scale * (z ** 2).sum(-1), num_steps=3, step_size=0.5).double()
+    y = h(x)
+    with torch.no_grad():
+        scale.fill_(5.0)
+    torch.testing.assert_close(h(h.inv(y)), y, rtol=0, atol=1e-12)  # the inverse is recomputed
+    # an nn.Module potential
+    lin = torch.nn.Linear(2, 1).double()
+    h = Hamiltonian(2, lambda z: lin(z).squeeze(-1) + 0.5 * (z ** 2).sum(-1), num_steps=2).double()
+    y = h(x)
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    torch.testing.assert_close(h(x), h(x.clone()), rtol=0, atol=0)
+
+
+def test_phase_space_lift_cache_follows_its_parameters():
+    h = Hamiltonian(2, lambda z: 0.5 * (z ** 2).sum(-1), num_steps=2).double()
+    lift = PhaseSpaceLift(h).double()
+    e = torch.randn(3, 4, dtype=torch.float64)
+    z = lift(e)
+    with torch.no_grad():
+        lift.loc.add_(1.0)
+        h.log_mass.add_(0.3)
+    torch.testing.assert_close(lift(e), lift(e.clone()), rtol=0, atol=0)
+    torch.testing.assert_close(lift(lift.inv(z)), z, rtol=0, atol=1e-12)

@@ -8,6 +8,8 @@ from pyro.infer.autoguide import AutoNormal
 
 from pyro_nfvi.diagnostics import kl_divergence
 from pyro_nfvi.infer import DensityFit, fit, fit_density
+from pyro_nfvi import helpers
+from pyro_nfvi.targets import get_target
 
 
 def _model(x):
@@ -182,3 +184,80 @@ def test_annealing_lowers_the_u1_kl():
             kls[anneal].append(kl_divergence(res.q, t, 20000, seed=0)[0])
     assert max(kls[None]) < 0.05
     assert sum(kls[0]) > 5 * sum(kls[None])
+
+
+# ------------------------------------------------------------------ models that mix particles
+def _mixing_model():
+    z = pyro.sample("z", dist.Normal(0.0, 1.0))
+    # z.sum() is z for one draw, a sum over the particles when vectorised: right shapes,
+    # wrong numbers (exact posterior N(0.5, 0.5))
+    pyro.sample("obs", dist.Normal(z.sum(), 1.0), obs=torch.tensor(1.0))
+
+
+def test_fit_falls_back_to_sequential_particles_for_a_model_that_mixes_them():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoNormal(_mixing_model)
+    with pytest.warns(RuntimeWarning, match="broadcasts against the particle dim"):
+        fit(_mixing_model, guide, num_steps=600, progress=False)
+    loc = float(pyro.param("AutoNormal.locs.z"))
+    scale = float(pyro.param("AutoNormal.scales.z"))
+    # vectorised, the mixed objective ends at loc 0.13, scale 0.31
+    assert abs(loc - 0.5) < 0.1 and abs(scale - 0.5 ** 0.5) < 0.25
+
+
+def test_fit_check_leaves_the_random_stream_of_a_vectorisable_model():
+    def model():
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(z, 1.0), obs=torch.tensor(1.0))
+
+    runs = []
+    for check in (True, False):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(3)
+        if not check:  # the same steps without the check: Pyro's SVI loop
+            import pyro_nfvi.infer as infer_module
+
+            original = infer_module.vectorization_problem
+            infer_module.vectorization_problem = lambda *a, **k: None
+        try:
+            runs.append(fit(model, AutoNormal(model), num_steps=20, progress=False))
+        finally:
+            if not check:
+                infer_module.vectorization_problem = original
+    assert runs[0] == runs[1]
+
+
+def test_fit_density_stops_before_a_non_finite_gradient():
+    flow = helpers.planar_flow(2, 4)
+
+    def target(z):  # finite value, NaN gradient (torch.where through a NaN branch)
+        return torch.where(z[..., 0] > 1e9, torch.sqrt(z[..., 0] - 1e10), -0.5 * (z ** 2).sum(-1))
+
+    with pytest.raises(FloatingPointError, match="gradient is not"):
+        fit_density(flow, target, num_steps=5, progress=False, seed=0)
+    assert all(torch.isfinite(p).all() for p in flow.parameters())
+
+
+@pytest.mark.parametrize("kw, name", [(dict(clip_norm=-1.0), "clip_norm"), (dict(lr_min=-0.05), "lr_min"),
+                                      (dict(init_scale=0.0), "init_scale"), (dict(lr=0.0), "lr"),
+                                      (dict(batch_size=2.5), "batch_size"), (dict(dim=0), "dim")])
+def test_fit_density_names_a_bad_argument(kw, name):
+    with pytest.raises(ValueError, match=name):
+        fit_density(helpers.planar_flow(2, 2), get_target("U1"), num_steps=5, progress=False, **kw)
+
+
+@pytest.mark.parametrize("kw, name", [(dict(num_steps=100, lr=-0.01), "lr"), (dict(num_steps=0), "num_steps"),
+                                      (dict(num_steps=10, lr_end=0.0), "lr_end")])
+def test_default_optim_names_a_bad_argument(kw, name):
+    from pyro_nfvi.infer import default_optim
+
+    with pytest.raises(ValueError, match=name):
+        default_optim(**kw)
+
+
+@pytest.mark.parametrize("kw, name", [(dict(callback=5), "callback"), (dict(loss="elbo"), "loss")])
+def test_fit_names_a_bad_argument(kw, name):
+    model = lambda: pyro.sample("z", dist.Normal(0.0, 1.0))  # noqa: E731
+    with pytest.raises(ValueError, match=name):
+        fit(model, AutoNormal(model), num_steps=3, progress=False, **kw)

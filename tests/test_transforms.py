@@ -631,3 +631,41 @@ def test_planar_step_stays_bounded_as_w_goes_to_zero(w_norm, D):
         stack.theta.copy_(torch.cat([u, w, bias])[None])
     y_s, ladj_s = stack.call_and_ladj(x)
     assert (y_s - y).abs().max() < 1e-12 and (ladj_s - ladj).abs().max() < 1e-12
+
+
+# ------------------------------------------------------------------ caches and copies
+@pytest.mark.parametrize("make", [lambda: helpers.planar(3), lambda: helpers.radial(3),
+                                  lambda: helpers.sylvester(3), lambda: helpers.planar_flow(3, 2),
+                                  lambda: helpers.sylvester_flow(3, 2)])
+def test_a_used_flow_deep_copies_and_checks(make):
+    import copy
+
+    t = make()
+    t(torch.randn(5, 3))  # grad mode on: the cached pair holds non-leaf tensors
+    c = copy.deepcopy(t)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(c(x), t(x))
+    assert check_transform(t, 3)["logdet_err"] < 1e-8
+
+
+@pytest.mark.parametrize("family", ["planar", "radial", "sylvester"])
+def test_conditioned_cache_follows_an_in_place_change_of_the_context(family):
+    cf = getattr(helpers, f"conditional_{family}")(2, 3)
+    ctx = torch.randn(4, 3)
+    t = cf.condition(ctx)
+    x = torch.randn(4, 2)
+    y = t(x)
+    ctx.add_(3.0)
+    assert not torch.allclose(t(x), y)
+    torch.testing.assert_close(t(x), t(x.clone()), rtol=0, atol=0)
+
+
+def test_sylvester_checks_inputs_as_planar_does():
+    t = helpers.conditional_sylvester(2, 3).condition(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="does not broadcast"):
+        t(torch.randn(5, 2))
+    for f in (helpers.sylvester(3).double(), helpers.sylvester_flow(3, 2).double()):
+        for x in (torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3)):
+            y, ladj = f.call_and_ladj(x)
+            assert y.dtype == torch.float64 and ladj.dtype == torch.float64
+            torch.testing.assert_close(y, f.call_and_ladj(x.double())[0])

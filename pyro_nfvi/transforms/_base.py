@@ -96,10 +96,10 @@ class _CacheEntry:
     change of a sample) and a copy of the parameters' values (``p.data.add_(...)`` and
     ``p.data = ...`` bypass version counters, so only values tell)."""
 
-    __slots__ = ("x", "y", "ladj", "versions", "params", "symbolic", "forward")
+    __slots__ = ("x", "y", "ladj", "versions", "params", "symbolic", "forward", "key")
 
-    def __init__(self, x, y, ladj, params, forward: bool):
-        self.x, self.y, self.ladj, self.forward = x, y, ladj, forward
+    def __init__(self, x, y, ladj, params, forward: bool, key=None):
+        self.x, self.y, self.ladj, self.forward, self.key = x, y, ladj, forward, key
         self.symbolic = _no_value_checks()
         if self.symbolic:
             self.versions, self.params = None, None
@@ -145,31 +145,47 @@ class LadjCacheMixin(Transform):
 
     def _param_tensors(self):
         """The tensors the map depends on: the module's own parameters, or those of the
-        module whose method supplies the parameters (a conditioned hypernetwork)."""
+        module whose method supplies the parameters (a conditioned hypernetwork) with the
+        context it reads (an in-place change of the context changes the map)."""
         if isinstance(self, torch.nn.Module):
             return self._parameters.values()  # the flows own no submodules
         params = getattr(self, "_params", None)
         owner = getattr(getattr(params, "func", None), "__self__", None)
         if isinstance(owner, torch.nn.Module):
-            return owner.parameters()
+            context = [a for a in getattr(params, "args", ()) if isinstance(a, torch.Tensor)]
+            return list(owner.parameters()) + context
         if isinstance(params, (tuple, list)):
             return [p for p in params if isinstance(p, torch.Tensor)]
         return ()
+
+    def __getstate__(self):
+        # the cached pair holds non-leaf tensors, which copy.deepcopy refuses; a copy
+        # starts with an empty cache
+        state = super().__getstate__()
+        state.pop("_nfvi_cache", None)
+        return state
 
     def _float_dtype(self) -> Optional[torch.dtype]:
         for p in self._param_tensors():
             return p.dtype
         return None
 
+    def _cache_key(self) -> Any:
+        """An object the map depends on beyond its tensors, compared by identity (``None``
+        here; a Hamiltonian flow's potential)."""
+        return None
+
     def _lookup(self, x=None, y=None) -> Optional[_CacheEntry]:
         e = self._nfvi_cache
         if e is None or (x is not None and e.x is not x) or (y is not None and e.y is not y):
+            return None
+        if e.key is not self._cache_key():
             return None
         return e if e.valid(self._param_tensors()) else None
 
     def _store(self, x, y, ladj, forward: bool) -> None:
         if self._cache_size:
-            self._nfvi_cache = _CacheEntry(x, y, ladj, self._param_tensors(), forward)
+            self._nfvi_cache = _CacheEntry(x, y, ladj, self._param_tensors(), forward, self._cache_key())
 
     # __call__ and _inv_call are torch's Transform entry points (``t(x)``, ``t.inv(y)``,
     # the latter reached through ``_InverseTransform``); they are overridden, not _call /

@@ -55,8 +55,10 @@ autograd, with ``create_graph=True`` whenever grad mode is on, so step sizes, ma
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from pyro.distributions.torch_transform import TransformModule
@@ -68,6 +70,43 @@ from ._base import LadjCacheMixin, as_real_input, check_event, check_input_dim
 __all__ = ["Hamiltonian", "PhaseSpaceLift", "PhaseSpaceTarget"]
 
 Potential = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _tensors_read_by(fn: Any, depth: int = 2) -> List[torch.Tensor]:
+    """The tensors a potential can be seen to read, which the flow's cache compares by
+    value: those of an ``nn.Module`` (or of the module a bound method belongs to), the
+    arguments of a ``functools.partial``, and the tensors, modules and functions in a
+    function's closure cells and in the globals its code names (functions followed
+    ``depth`` levels down)."""
+    if isinstance(fn, torch.Tensor):
+        return [fn]
+    if isinstance(fn, nn.Module):
+        return list(fn.parameters()) + list(fn.buffers())
+    if depth < 0 or not callable(fn):
+        return []
+    out: List[torch.Tensor] = []
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, nn.Module):
+        out += _tensors_read_by(owner)
+    if isinstance(fn, functools.partial):
+        for a in (fn.func, *fn.args, *fn.keywords.values()):
+            out += _tensors_read_by(a, depth - 1)
+    code = getattr(fn, "__code__", None)
+    if code is not None:
+        seen = []
+        for cell in getattr(fn, "__closure__", None) or ():
+            try:
+                seen.append(cell.cell_contents)
+            except ValueError:  # an empty cell
+                pass
+        names = getattr(fn, "__globals__", {})
+        seen += [names[n] for n in code.co_names if n in names]
+        for v in seen:
+            if isinstance(v, (torch.Tensor, nn.Module)):
+                out += _tensors_read_by(v)
+            elif inspect.isfunction(v) or isinstance(v, functools.partial):
+                out += _tensors_read_by(v, depth - 1)
+    return out
 
 
 class Hamiltonian(LadjCacheMixin, TransformModule):
@@ -90,7 +129,12 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
     :param potential: ``z -> U(z) = -log p̃(z)`` for ``z`` of shape ``(..., D)``,
         returning shape ``(...)`` or a scalar (its sum): only ``∇ U.sum()`` is used, so
         rows must not interact. May depend on learnable parameters. Can be replaced
-        later (attribute ``potential``).
+        later (attribute ``potential``). The cached ``x <-> y`` pair that spares
+        ``log_prob`` of a fresh sample the inverse is dropped when the potential is
+        replaced or a tensor it reads changes value, as far as the flow can see them: an
+        ``nn.Module`` potential's parameters and buffers (or those of the module a bound
+        method belongs to), a ``functools.partial``'s arguments, the tensors in a
+        function's closure and the globals it names (two levels of called functions).
     :param num_steps: the number of leapfrog steps ``K`` (>= 1).
     :param step_size: initial step size (all steps, all dimensions), in ``(0, max_step_size)``.
     :param max_step_size: :math:`\epsilon_{\max}`.
@@ -273,6 +317,14 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
             w = w + 0.5 * eps[k] * g
         return torch.cat([z, w], -1)
 
+    # the cache (which spares TransformedDistribution.log_prob of a fresh sample the
+    # inverse) is tied to the potential object and to the tensors it can be seen to read
+    def _param_tensors(self):
+        return list(self.parameters()) + _tensors_read_by(self.potential)
+
+    def _cache_key(self):
+        return self.potential
+
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         # constant in x: no need to rerun the dynamics
         x = as_real_input(x, "x", self.log_mass.dtype)
@@ -286,7 +338,7 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
                 f"max_force={self.max_force}")
 
 
-class PhaseSpaceLift(TransformModule):
+class PhaseSpaceLift(LadjCacheMixin, TransformModule):
     r"""The first layer of a Hamiltonian flow fitted as a density: maps standard normal
     noise ``[ε_z, ε_ω]`` (size ``2 D``) to the initial phase-space point
 
@@ -347,8 +399,10 @@ class PhaseSpaceLift(TransformModule):
         log_std = self._momentum_log_std()
         return torch.cat([z, log_std.exp() * e], -1), ladj + log_std.sum()
 
-    def _call(self, x: torch.Tensor) -> torch.Tensor:
-        return self.call_and_ladj(x)[0]
+    def _param_tensors(self):
+        # its own (with z_flow's) and the Hamiltonian's mass and beta0, which it reads
+        h = self._hamiltonian
+        return list(self.parameters()) + [p for p in (h.log_mass, h.beta0_logit) if p is not None]
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         y = check_event(y, 2 * self.input_dim, "y", dtype=self._hamiltonian.log_mass.dtype)
@@ -358,9 +412,6 @@ class PhaseSpaceLift(TransformModule):
         for f in reversed(self._z_flows):
             z = f.inv(z)
         return torch.cat([z, w * (-self._momentum_log_std()).exp()], -1)
-
-    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.call_and_ladj(x)[1]
 
 
 class PhaseSpaceTarget:

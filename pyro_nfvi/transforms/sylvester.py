@@ -321,6 +321,21 @@ def _event_dim(params: Params) -> int:
     return U.shape[-2] if U is not None else b.shape[-1]
 
 
+def _checked_input(x: torch.Tensor, params: Params, stacked: bool, name: str = "x"):
+    """``(x, params)``: ``x`` checked against the parameters (event size, a batch shape
+    that broadcasts against a context's, dtype: integers promoted), both in the promoted
+    floating dtype (what planar and radial layers get from torch's arithmetic)."""
+    b = params[0]
+    batch = b.shape[:-2] if stacked else b.shape[:-1]
+    x = check_event(x, _event_dim(params), name, dtype=b.dtype, batch_shape=batch)
+    dtype = torch.promote_types(x.dtype, b.dtype)
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    if b.dtype != dtype:
+        params = tuple(None if p is None else p.to(dtype) for p in params)
+    return x, params
+
+
 def _init_raw_(b, R, Rt, U, near_identity: bool) -> None:
     """Default initialisation of raw parameters (in place, under no_grad)."""
     M = b.shape[-1]
@@ -386,28 +401,28 @@ class ConditionedSylvester(ConditionedFlow):
         """``det J > 0`` everywhere."""
         return 1
 
-    def _parts(self, with_W: bool = True):
+    def _parts(self, x: torch.Tensor, name: str = "x", with_W: bool = True):
+        """``(x, parts)``: the input checked (:func:`_checked_input`) and the layer's
+        matrices in its dtype."""
         params = _check_params(self._params, stacked=False)
-        return _event_dim(params), sylvester_parts(params, self.reverse, with_W)
+        x, params = _checked_input(x, params, stacked=False, name=name)
+        return x, sylvester_parts(params, self.reverse, with_W)
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass."""
-        D, (A, B, b, q, _) = self._parts(with_W=False)
-        x = check_event(x, D)
+        x, (A, B, b, q, _) = self._parts(x, with_W=False)
         return sylvester_layer(x, A, B, b, q)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        D, parts = self._parts()
-        y = check_event(y, D, "y")
+        y, parts = self._parts(y, "y")
         return sylvester_layer_inverse(y, *parts)
 
     @torch.no_grad()
     def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, without an
         inverse (see :func:`sylvester_push_score`); used for sticking-the-landing gradients."""
-        D, parts = self._parts()
-        x = check_event(x, D)
-        score = check_event(score, D, "score")
+        x, parts = self._parts(x)
+        score = check_event(score, x.shape[-1], "score", dtype=x.dtype).to(x.dtype)
         return sylvester_push_score(x, score, *parts)
 
 
@@ -592,15 +607,14 @@ class ConditionedStackedSylvester(ConditionedFlow):
         """``det J > 0`` everywhere."""
         return 1
 
-    def _parts(self, with_W: bool = True):
-        params = _check_params(self._params, stacked=True)
-        return _event_dim(params), sylvester_parts(params, "alternate", with_W)
+    def _input(self, x: torch.Tensor, name: str = "x"):
+        """``(x, params)``, checked and in one dtype (:func:`_checked_input`)."""
+        return _checked_input(x, _check_params(self._params, stacked=True), stacked=True, name=name)
 
     def call_and_ladj(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Return ``(y, log|det dy/dx|)`` in one pass (the fused kernel where
         :func:`stacked_sylvester` picks it)."""
-        params = _check_params(self._params, stacked=True)
-        x = check_event(x, _event_dim(params))
+        x, params = self._input(x)
         return stacked_sylvester(x, params)
 
     def call_ladj_and_push(
@@ -609,8 +623,7 @@ class ConditionedStackedSylvester(ConditionedFlow):
         """``(y, log|det dy/dx|, ∇_y log p_Y(y))``: :meth:`call_and_ladj` and the score of
         :meth:`push_score` (no gradient through it), in ONE pass of the fused kernel where
         it runs (the push reuses the layers' activations), else the two calls."""
-        params = _check_params(self._params, stacked=True)
-        x = check_event(x, _event_dim(params))
+        x, params = self._input(x)
         route = sylvester_route(x, params)
         if route != PLAIN and score.shape == x.shape and score.dtype == x.dtype:
             return sylvester_stack_push_kernel(x, params, stacked_sylvester_plain, score, route)
@@ -618,8 +631,8 @@ class ConditionedStackedSylvester(ConditionedFlow):
         return y, ladj, self.push_score(x.detach(), score)[1]
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
-        D, (A, B, b, q, W) = self._parts()
-        y = check_event(y, D, "y")
+        y, params = self._input(y, "y")
+        A, B, b, q, W = sylvester_parts(params, "alternate")
         for k in reversed(range(b.shape[-2])):
             y = sylvester_layer_inverse(
                 y, A[..., k, :, :], B[..., k, :, :], b[..., k, :], q[..., k, :], W[..., k, :, :]
@@ -630,10 +643,8 @@ class ConditionedStackedSylvester(ConditionedFlow):
     def push_score(self, x: torch.Tensor, score: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(y, ∇_y log p_Y(y))`` from ``x`` and ``score = ∇_x log p_X(x)``, layer by
         layer without an inverse (see :func:`sylvester_push_score`)."""
-        params = _check_params(self._params, stacked=True)
-        D = _event_dim(params)
-        x = check_event(x, D)
-        score = check_event(score, D, "score")
+        x, params = self._input(x)
+        score = check_event(score, x.shape[-1], "score", dtype=x.dtype).to(x.dtype)
         route = sylvester_route(x, params)
         if route != PLAIN and score.dtype == x.dtype:
             return sylvester_stack_push_score(x, score, params, route)
