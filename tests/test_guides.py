@@ -479,3 +479,42 @@ def test_drop_in_for_pyro_builtin_flows():
     assert all(math.isfinite(x) for x in losses)
     assert any(".transform" in n for n in pyro.get_param_store().keys())
     assert guide.median(data)["w"].shape == (4,)
+
+
+def test_predictive_with_the_observed_site_left_out():
+    # Pyro's posterior-predictive pattern: the observed site is sampled by the model
+    def model(x, y=None):
+        w = pyro.sample("w", dist.Normal(0.0, 5.0))
+        s = pyro.sample("s", dist.HalfNormal(2.0))
+        with pyro.plate("d", len(x)):
+            return pyro.sample("y", dist.Normal(w * x, s), obs=y)
+
+    x = torch.linspace(-2, 2, 30)
+    y = 2 * x + 0.3 * torch.randn(30)
+    guide = AutoPlanarFlow(model, num_flows=2)
+    guide(x, y)
+    for xn in (x, torch.linspace(-1, 1, 7)):
+        draws = Predictive(model, guide=guide, num_samples=20)(xn)
+        assert draws["y"].shape == (20, len(xn)) and draws["w"].numel() == 20
+
+
+def test_new_or_reshaped_latent_sites_still_raise():
+    def model(x):
+        for i in range(len(x)):  # one latent site per datum: new data, new sites
+            z = pyro.sample(f"z_{i}", dist.Normal(0.0, 1.0))
+            pyro.sample(f"x_{i}", dist.Normal(z, 1.0), obs=x[i])
+
+    guide = AutoPlanarFlow(model, num_flows=2)
+    guide(torch.zeros(3))
+    with pytest.raises(ValueError, match="z_3"):
+        guide(torch.zeros(4))
+
+    def plate_model(x):
+        with pyro.plate("d", len(x)):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    guide = AutoPlanarFlow(plate_model, num_flows=2)
+    guide(torch.zeros(3))
+    with pytest.raises(ValueError, match="'z' with shape"):
+        guide(torch.zeros(4))

@@ -253,7 +253,22 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
             raise
 
     def _setup_prototype_impl(self, *args, **kwargs) -> None:
-        autoguide_setup_prototype(self, *args, **kwargs)  # AutoGuide's part only
+        # AutoGuide's part only; the observed sites it hides are recorded, so that a later
+        # call with one of them left unobserved (Predictive with y=None) is not mistaken
+        # for a new latent site
+        observed = set()
+
+        def hide(msg, hide_fn=type(self)._prototype_hide_fn):
+            if msg["type"] == "sample" and msg["is_observed"]:
+                observed.add(msg["name"])
+            return hide_fn(msg)
+
+        self._prototype_hide_fn = hide
+        try:
+            autoguide_setup_prototype(self, *args, **kwargs)
+        finally:
+            del self._prototype_hide_fn  # back to the class's
+        self._observed_at_setup = frozenset(observed)
         self._unconstrained_shapes, self._cond_indep_stacks = latent_layout(
             self.prototype_trace, type(self).__name__)
         self.latent_dim = sum(_product(s) for s in self._unconstrained_shapes.values())
@@ -333,7 +348,8 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         shapes = _arg_shapes(args, kwargs)
         if shapes != self._arg_shapes:
             check_latent_shapes(self.model, self._prototype_hide_fn, self.prototype_trace,
-                                type(self).__name__, args, kwargs)
+                                type(self).__name__, args, kwargs,
+                                getattr(self, "_observed_at_setup", frozenset()))
             self._arg_shapes = shapes
 
     # ---------------------------------------------------------------- forward

@@ -73,13 +73,17 @@ def latent_layout(prototype_trace, guide_name: str
 
 
 def check_latent_shapes(model: Callable, hide_fn: Callable, prototype_trace, guide_name: str,
-                        args, kwargs) -> None:
+                        args, kwargs, observed: frozenset = frozenset()) -> None:
     """Re-run ``model`` (its random stream forked, the sites ``hide_fn`` hides blocked) and
-    check that every latent site kept the shape it had in ``prototype_trace``."""
+    check that every latent site kept the shape it had in ``prototype_trace``. Sites in
+    ``observed`` (observed at setup) may now be latent: the model samples them, as under
+    Pyro's guides (``Predictive`` with the data left out)."""
     model = poutine.block(model, hide_fn)
     with torch.random.fork_rng(devices=[]):  # leave the user's random stream alone
         trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
     for name, site in trace.iter_stochastic_nodes():
+        if name in observed and name not in prototype_trace.nodes:
+            continue
         old = prototype_trace.nodes.get(name)
         if old is None or old["value"].shape != site["value"].shape:
             before = None if old is None else tuple(old["value"].shape)
