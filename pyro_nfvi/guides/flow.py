@@ -16,6 +16,7 @@ from contextlib import ExitStack
 from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
+from torch.distributions import register_kl
 from torch.distributions.transforms import ComposeTransform, Transform
 
 import pyro
@@ -37,6 +38,19 @@ from .prototype import (SiteLayout, _arg_shapes, _hide_from_prototype, check_lat
                         latent_layout)
 from .saving import _GuideSaving
 from .summaries import _GuideSummaries
+
+
+class _JacobianDelta(dist.Delta):
+    """A site emitted by the guide: its value, with the log-Jacobian of the support
+    bijection and of the placement as ``log_density``. Its KL to the model's site keeps
+    that term (Pyro's ``kl_divergence(Delta, ·)`` drops it), so that
+    ``TraceMeanField_ELBO`` scores the guide as ``Trace_ELBO`` does."""
+
+
+@register_kl(_JacobianDelta, dist.Distribution)
+def _kl_jacobian_delta(p: _JacobianDelta, q: dist.Distribution) -> torch.Tensor:
+    # E_q[log q - log p] at the single value: log_density - log p(v)
+    return p.log_density - q.log_prob(p.v)
 
 
 #: largest latent dimension for which the default affine base is full rank
@@ -376,7 +390,7 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         result = {}
         for name, fn in fns.items():
             value, log_density = placed[name]
-            delta = dist.Delta(value, log_density=log_density, event_dim=fn.event_dim)
+            delta = _JacobianDelta(value, log_density=log_density, event_dim=fn.event_dim)
             with ExitStack() as stack:
                 for frame in self._cond_indep_stacks[name]:
                     stack.enter_context(plates[frame.name])
