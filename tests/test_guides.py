@@ -539,3 +539,32 @@ def test_mean_field_elbo_scores_the_guide_as_trace_elbo():
         torch.manual_seed(1)
         losses.append(sum(elbo.loss(model, guide, y) for _ in range(20)))
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+@pytest.mark.parametrize("first", ["call", "median"])
+def test_param_store_checkpoint_restores_the_guide(tmp_path, first):
+    # Pyro's recipe: save the store; later load it, build the guide, use it
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        theta = pyro.sample("theta", dist.Normal(mu, s))  # placed: curvature scales
+        with pyro.plate("g", len(x)):
+            pyro.sample("obs", dist.Normal(theta, 1.0), obs=x)
+
+    x = torch.tensor([1.0, 3.0, -1.0, 2.0, 0.5])
+    pyro.clear_param_store()
+    guide = AutoPlanarFlow(model, num_flows=2)
+    _train(model, guide, 100, lr=0.05, args=(x,))
+    ref = guide.median(x)
+    saved = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    pyro.get_param_store().save(tmp_path / "store.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "store.pt")
+    restored = AutoPlanarFlow(model, num_flows=2)
+    if first == "call":
+        restored(x)
+    med = restored.median(x)
+    for name in ref:
+        torch.testing.assert_close(med[name], ref[name])
+    for k, v in pyro.get_param_store().items():
+        torch.testing.assert_close(v.detach(), saved[k])

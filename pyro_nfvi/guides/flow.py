@@ -283,6 +283,9 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         finally:
             del self._prototype_hide_fn  # back to the class's
         self._observed_at_setup = frozenset(observed)
+        # parameters already in Pyro's param store (a checkpoint loaded before the first
+        # call: pyro.get_param_store().load) are taken from there, as Pyro's guides do
+        restored = self._pyro_context.active and self._pyro_get_fullname("scale") in pyro.get_param_store()
         self._unconstrained_shapes, self._cond_indep_stacks = latent_layout(
             self.prototype_trace, type(self).__name__)
         self.latent_dim = sum(_product(s) for s in self._unconstrained_shapes.values())
@@ -301,7 +304,9 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         if getattr(self, "base_kind", "normal") == "studentt":
             self.base_df = PyroParam(torch.full_like(loc, STUDENTT_INIT_DF), self.df_constraint)
         self.transform = build_flow(self._init_transform_fn, self.latent_dim, loc)
-        self._setup_hierarchical(args, kwargs)
+        if restored:  # a plain nn.Module: pyro.module keeps its fresh tensors unless told
+            pyro.module(self._pyro_get_fullname("transform"), self.transform, update_module_params=True)
+        self._setup_hierarchical(args, kwargs, keep_scale=restored)
         self._arg_shapes = _arg_shapes(args, kwargs)
         # the model's arguments for get_transform(), which places the hierarchical sites
         # by running the prior (not pickled: only the data of the first call); whether the
@@ -312,14 +317,15 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
             self._nfvi_placement_check = (self._placement_args,
                                           _arguments_in_placement(self, args, kwargs))
 
-    def _setup_hierarchical(self, args, kwargs) -> None:
-        """Find the hierarchical sites and set the initial scales and centredness (see
+    def _setup_hierarchical(self, args, kwargs, keep_scale: bool = False) -> None:
+        """Find the hierarchical sites and set the initial scales (unless ``keep_scale``:
+        restored from the param store) and centredness (see
         :func:`~pyro_nfvi.guides.curvature.inspect_model`)."""
         like = dict(dtype=self.loc.dtype, device=self.loc.device)
         self._hierarchical, scale, centering = inspect_model(
             self.model, self.prototype_trace, self._unconstrained_shapes, self._init_scale,
             self.centered, like, args, kwargs)
-        if scale is not None:
+        if scale is not None and not keep_scale:
             with torch.no_grad():
                 self.scale = scale
         if centering is not None:
@@ -354,7 +360,8 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
 
     def _check_setup(self, *args, **kwargs) -> None:
         if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
+            with self._pyro_context:  # as in a call: the param store's values are used
+                self._setup_prototype(*args, **kwargs)
 
     def _check_args(self, args, kwargs) -> None:
         """If the shapes of the model's arguments changed since setup, re-run the model to

@@ -45,7 +45,7 @@ def constrained_samples(guide, num_samples: int, args, kwargs) -> Dict[str, torc
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(_SEED)
         if guide.prototype_trace is None:
-            guide._setup_prototype(*args, **kwargs)
+            guide._check_setup(*args, **kwargs)
         else:
             guide._check_args(args, kwargs)
         posterior = guide.get_posterior(*args, **kwargs)
