@@ -568,3 +568,16 @@ def test_param_store_checkpoint_restores_the_guide(tmp_path, first):
         torch.testing.assert_close(med[name], ref[name])
     for k, v in pyro.get_param_store().items():
         torch.testing.assert_close(v.detach(), saved[k])
+
+
+def test_guide_options_are_checked():
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+
+    with pytest.raises(ValueError, match="stl"):
+        AutoPlanarFlow(model, stl="no")
+    with pytest.raises(ValueError, match="full_rank"):
+        AutoPlanarFlow(model, full_rank="no")
+    guide = AutoNormalizingFlow(model, lambda dim: planar_flow(dim + 1, 2))
+    with pytest.raises(ValueError, match="init_transform_fn"):
+        guide()

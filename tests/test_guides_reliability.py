@@ -167,3 +167,12 @@ def test_sylvester_bottleneck_larger_than_the_latent_dimension_is_an_error():
     for kind in ("householder", "triangular"):
         with pytest.raises(ValueError, match=r"bottleneck.*latent dimension.*5"):
             AutoSylvesterFlow(model, num_flows=2, bottleneck=3, kind=kind)()
+
+
+def test_a_support_that_depends_on_a_latent_site_is_named_at_setup():
+    def model():
+        a = pyro.sample("a", dist.LogNormal(0.0, 1.0))
+        pyro.sample("x", dist.Uniform(0.0, a))
+
+    with pytest.raises(ValueError, match=r"site 'x' has a support whose bounds depend on .*'a'"):
+        AutoPlanarFlow(model)()

@@ -248,3 +248,15 @@ def test_median_of_a_model_with_a_data_plate():
     med = guide.median(x, num_samples=200)
     assert med["loc"].shape == () and med["scale"].shape == ()
     assert torch.isfinite(med["loc"]) and med["scale"] > 0
+
+
+def test_median_is_reproducible_and_leaves_the_random_stream():
+    def model():
+        pyro.sample("x", dist.Normal(0.0, 1.0).expand([2]).to_event(1))
+
+    guide = AutoHamiltonianFlow(model, num_steps=2)
+    guide()
+    state = torch.get_rng_state()
+    a = guide.median()
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.testing.assert_close(guide.median()["x"], a["x"], rtol=0, atol=0)

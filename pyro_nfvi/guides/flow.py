@@ -62,7 +62,11 @@ BASES = ("normal", "studentt")
 STUDENTT_INIT_DF = 10.0
 
 
-def _check_options(init_transform_fn, init_scale, centered, base) -> None:
+def _check_options(init_transform_fn, init_scale, centered, base, full_rank, stl) -> None:
+    if not isinstance(stl, bool):
+        raise ValueError(f"stl must be True or False, got {stl!r}")
+    if full_rank is not None and not isinstance(full_rank, bool):
+        raise ValueError(f"full_rank must be None, True or False, got {full_rank!r}")
     if not isinstance(base, str) or base not in BASES:
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
     if centered is not None and (
@@ -80,7 +84,7 @@ def _check_options(init_transform_fn, init_scale, centered, base) -> None:
         isinstance(init_scale, bool) or not isinstance(init_scale, numbers.Real)
         or not init_scale > 0 or init_scale == float("inf")
     ):
-        raise ValueError(f"Expected init_scale > 0 (finite) or None, but got {init_scale!r}")
+        raise ValueError(f"init_scale must be None or a finite number > 0 (a Python float), got {init_scale!r}")
 
 
 class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
@@ -244,7 +248,7 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         base: str = "normal",
         create_plates: Optional[Callable] = None,
     ) -> None:
-        _check_options(init_transform_fn, init_scale, centered, base)
+        _check_options(init_transform_fn, init_scale, centered, base, full_rank, stl)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._init_loc_fn = init_loc_fn  # to wrap a model re-attached after loading
         self._init_transform_fn = init_transform_fn

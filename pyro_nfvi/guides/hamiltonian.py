@@ -16,6 +16,7 @@ from pyro.infer.autoguide import AutoGuide
 
 from .._validation import check_int
 from ..diagnostics import plate_nesting
+from .summaries import _SEED
 from .families import AutoPlanarFlow
 from .flow import AutoNormalizingFlow
 from ..transforms.hamiltonian import Hamiltonian
@@ -243,17 +244,21 @@ class AutoHamiltonianFlow(AutoGuide):
 
     @torch.no_grad()
     def median(self, *args, num_samples: int = 1000, **kwargs) -> Dict[str, torch.Tensor]:
-        """Marginal posterior medians (Monte-Carlo, ``num_samples`` draws of the guide)."""
+        """Marginal posterior medians (Monte-Carlo, ``num_samples`` draws of the guide, from
+        a fixed seed on a forked stream: the same medians each call, and the user's
+        random stream left as it was, as the other guides' :meth:`median`)."""
         num_samples = check_int(num_samples, "num_samples", 2)
-        if self.prototype_trace is None:
-            self._setup_prototype(*args, **kwargs)
-        # the model's plates, observed sites' included (the prototype keeps only latent
-        # sites): the draws go to their left; replayed, so nothing is sampled
-        with poutine.block():
-            full = poutine.trace(poutine.replay(self.model, trace=self.prototype_trace)).get_trace(*args, **kwargs)
-        nesting = plate_nesting(full)
-        with poutine.block(), pyro.plate("_nfvi_draws", num_samples, dim=-nesting - 1):
-            values = self(*args, **kwargs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(_SEED)
+            if self.prototype_trace is None:
+                self._setup_prototype(*args, **kwargs)
+            # the model's plates, observed sites' included (the prototype keeps only latent
+            # sites): the draws go to their left; replayed, so nothing is sampled
+            with poutine.block():
+                full = poutine.trace(poutine.replay(self.model, trace=self.prototype_trace)).get_trace(*args, **kwargs)
+            nesting = plate_nesting(full)
+            with poutine.block(), pyro.plate("_nfvi_draws", num_samples, dim=-nesting - 1):
+                values = self(*args, **kwargs)
         return {
             name: value.reshape((num_samples,) + self.prototype_trace.nodes[name]["value"].shape).median(0)[0]
             for name, value in values.items()

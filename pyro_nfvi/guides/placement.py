@@ -194,6 +194,15 @@ def _run_latents(messenger: Messenger, model: Callable, args, kwargs) -> None:
         pass
 
 
+def _support_bounds(support) -> list:
+    """The tensor bounds of an interval-type support (through ``independent``) that carry
+    a gradient: a bound computed from other sites."""
+    while hasattr(support, "base_constraint"):
+        support = support.base_constraint
+    bounds = [getattr(support, a, None) for a in ("lower_bound", "upper_bound")]
+    return [b for b in bounds if torch.is_tensor(b) and b.requires_grad]
+
+
 class _Unconstrained(Messenger):
     """Runs the model with every latent site set from a leaf tensor in unconstrained space
     (at the prototype values), recording the leaves, each Normal/LogNormal site's prior
@@ -211,6 +220,18 @@ class _Unconstrained(Messenger):
         name = msg["name"]
         if msg["is_observed"] or name not in self.values:
             return
+        bounds = _support_bounds(msg["fn"].support)
+        if bounds and self.leaves:
+            grads = torch.autograd.grad([b.sum() for b in bounds], list(self.leaves.values()),
+                                        allow_unused=True, retain_graph=True)
+            owners = [n for n, g in zip(self.leaves, grads) if g is not None]
+            if owners:
+                raise ValueError(
+                    f"site {name!r} has a support whose bounds depend on the latent site(s) "
+                    f"{owners}: the guide maps each site through the bijection of its support "
+                    "at setup, which would not follow the bounds. Write the site on a fixed "
+                    "support, e.g. x = a * u with u ~ Uniform(0, 1) for x ~ Uniform(0, a)"
+                )
         transform = biject_to(msg["fn"].support)
         leaf = transform.inv(self.values[name]).detach().clone().requires_grad_()
         params = _prior_params(msg["fn"])

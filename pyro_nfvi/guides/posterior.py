@@ -44,6 +44,22 @@ def build_flow(init_transform_fn, latent_dim: int, like: torch.Tensor) -> Transf
         )
     if isinstance(transform, torch.nn.Module):
         transform = transform.to(device=like.device, dtype=like.dtype)
+    # a flow of the wrong size would otherwise fail inside the first step; in eval mode, so
+    # that no module updates running statistics on the probe
+    training = getattr(transform, "training", None)
+    try:
+        if training:
+            transform.train(False)
+        with torch.no_grad():
+            transform(torch.zeros(1, latent_dim, dtype=like.dtype, device=like.device))
+    except Exception as e:
+        raise ValueError(
+            f"init_transform_fn({latent_dim}) returned a transform that does not map vectors of "
+            f"the model's latent dimension {latent_dim}: {type(e).__name__}: {e}"
+        ) from e
+    finally:
+        if training:
+            transform.train(True)
     return transform
 
 
