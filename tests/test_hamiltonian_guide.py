@@ -260,3 +260,28 @@ def test_median_is_reproducible_and_leaves_the_random_stream():
     a = guide.median()
     assert torch.equal(torch.get_rng_state(), state)
     torch.testing.assert_close(guide.median()["x"], a["x"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("first", ["call", "median"])
+def test_param_store_checkpoint_restores_the_guide(tmp_path, first):
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        with pyro.plate("g", len(x)):
+            pyro.sample("obs", dist.Normal(mu, s), obs=x)
+
+    x = torch.tensor([1.0, 3.0, -1.0, 2.0, 0.5])
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    guide = AutoHamiltonianFlow(model, num_steps=2)
+    fit(model, guide, x, num_steps=100, progress=False)
+    ref = guide.median(x)
+    pyro.get_param_store().save(tmp_path / "store.pt")
+    pyro.clear_param_store()
+    pyro.get_param_store().load(tmp_path / "store.pt")
+    restored = AutoHamiltonianFlow(model, num_steps=2)
+    if first == "call":
+        restored(x)
+    med = restored.median(x)
+    for name in ref:
+        torch.testing.assert_close(med[name], ref[name])

@@ -13,6 +13,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoGuide
+from pyro.params.param_store import param_with_module_name
 
 from .._validation import check_int
 from ..diagnostics import plate_nesting
@@ -181,6 +182,13 @@ class AutoHamiltonianFlow(AutoGuide):
             for j in range(math.prod(shape))
         ]
         self.hamiltonian = h.to(dtype=base.loc.dtype, device=base.loc.device)
+        name = self._pyro_get_fullname("hamiltonian") if self._pyro_context.active else None
+        store = pyro.get_param_store()
+        if name is not None and any(param_with_module_name(name, n) in store
+                                    for n, _ in self.hamiltonian.named_parameters()):
+            # a checkpoint loaded before the first call: its leapfrog parameters, as the
+            # base guide takes its own (a plain nn.Module keeps fresh tensors unless told)
+            pyro.module(name, self.hamiltonian, update_module_params=True)
 
     def _check_model(self, args, kwargs) -> None:
         """Discrete latents (enumerated or not) have no gradient: refuse them by name."""
@@ -251,7 +259,8 @@ class AutoHamiltonianFlow(AutoGuide):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_SEED)
             if self.prototype_trace is None:
-                self._setup_prototype(*args, **kwargs)
+                with self._pyro_context:  # as in a call: the param store's values are used
+                    self._setup_prototype(*args, **kwargs)
             # the model's plates, observed sites' included (the prototype keeps only latent
             # sites): the draws go to their left; replayed, so nothing is sampled
             with poutine.block():
