@@ -359,3 +359,29 @@ def test_batch_of_draws_for_a_model_that_does_not_broadcast(float64):
             assert torch.allclose(u[i, j], t(eps[i, j]), atol=1e-12)
             assert torch.allclose(ladj[i, j], t.log_abs_det_jacobian(eps[i, j], t(eps[i, j])))
     assert torch.allclose(t.inv(u), eps, atol=1e-8)
+
+
+@pytest.mark.parametrize("centered", [None, 1.0])
+def test_transform_sample_of_a_batch_with_plated_sites(centered):
+    from pyro_nfvi.guides import NeuTraReparam as OurNeuTra
+
+    x = torch.tensor([1.0, 3.0, -1.0, 2.0, 0.5, 1.5])
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        with pyro.plate("g", len(x)):
+            th = pyro.sample("th", dist.Normal(mu, tau))
+            pyro.sample("obs", dist.Normal(th, 1.0), obs=x)
+
+    pyro.clear_param_store()
+    guide = AutoPlanarFlow(model, num_flows=2, centered=centered)
+    guide(x)
+    neutra = OurNeuTra(guide.requires_grad_(False), x)
+    latent = torch.randn(5, guide.latent_dim)
+    batch = neutra.transform_sample(latent)
+    assert batch["th"].shape == (5, 6) and batch["mu"].shape == (5,)
+    for i in range(5):
+        one = neutra.transform_sample(latent[i])
+        for name in one:
+            torch.testing.assert_close(batch[name][i], one[name])

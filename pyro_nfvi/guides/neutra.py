@@ -423,7 +423,18 @@ class NeuTraReparam(pyro.infer.reparam.NeuTraReparam):
     def transform_sample(self, latent):
         """Model-site draws (a dict) from draws of the shared latent, as Pyro's; the
         placement runs the model's prior with the arguments given at construction (else
-        those of the guide's first call)."""
+        those of the guide's first call). A batch of draws that Pyro's unpacking does not
+        broadcast against the model's plates is transformed draw by draw."""
         if self._places():
             self.transform = self.guide.get_transform(*self._model_args[0], **self._model_args[1])
-        return super().transform_sample(latent)
+        elif self.transform is None:  # before any run of the reparameterised model
+            self.transform = self.guide.get_transform()
+        batch = latent.shape[:-1]
+        try:  # vectorised: draws left of the plates (e.g. padded with a dim of size 1)
+            return super().transform_sample(latent)
+        except RuntimeError:
+            if not batch:
+                raise
+        draws = [super(NeuTraReparam, self).transform_sample(z) for z in latent.reshape(-1, latent.shape[-1])]
+        return {name: torch.stack([d[name] for d in draws]).reshape(batch + draws[0][name].shape)
+                for name in draws[0]}
