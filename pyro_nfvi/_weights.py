@@ -9,6 +9,7 @@ shapes and wrong numbers), or one draw at a time. The one home of this drawing, 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -168,7 +169,24 @@ def _draw_sequential(model, guide, args, kwargs, n, latents):
     return samples, torch.stack(log_w).detach().double().reshape(-1)
 
 
+def check_draw_options(vectorize, max_plate_nesting, batch_size=None) -> None:
+    """The options of the drawing below, checked before any model run."""
+    if vectorize is not None and not isinstance(vectorize, bool):
+        raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}")
+    if batch_size is not None and (
+        isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1
+    ):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    if max_plate_nesting is not None and (
+        isinstance(max_plate_nesting, bool)
+        or not isinstance(max_plate_nesting, numbers.Integral)
+        or max_plate_nesting < 0
+    ):
+        raise ValueError(f"max_plate_nesting must be an int >= 0, got {max_plate_nesting!r}")
+
+
 def _draw(model, guide, args, kwargs, num_samples, max_plate_nesting, vectorize, batch_size):
+    check_draw_options(vectorize, max_plate_nesting, batch_size)
     with poutine.block():
         latents, guessed, subsample = _reference(model, guide, args, kwargs)
     mpn = guessed if max_plate_nesting is None else int(max_plate_nesting)

@@ -85,7 +85,7 @@ import torch
 from pyro.infer import Predictive
 from pyro.ops.stats import fit_generalized_pareto
 
-from ._weights import _draw
+from ._weights import _draw, check_draw_options
 from .diagnostics import log_mean_exp
 
 __all__ = [
@@ -596,20 +596,7 @@ def importance_sample(
     num_samples = int(num_samples)
     if not isinstance(smooth, bool):
         raise TypeError(f"smooth must be a bool, got {smooth!r}")
-    if vectorize is not None and not isinstance(vectorize, bool):
-        raise TypeError(f"vectorize must be None, True or False, got {vectorize!r}")
-    if batch_size is not None and (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, numbers.Integral)
-        or batch_size < 1
-    ):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
-    if max_plate_nesting is not None and (
-        isinstance(max_plate_nesting, bool)
-        or not isinstance(max_plate_nesting, numbers.Integral)
-        or max_plate_nesting < 0
-    ):
-        raise ValueError(f"max_plate_nesting must be an int >= 0, got {max_plate_nesting!r}")
+    check_draw_options(vectorize, max_plate_nesting, batch_size)
     if not callable(model) or not callable(guide):
         raise TypeError("model and guide must be callables (a Pyro model and its guide)")
 

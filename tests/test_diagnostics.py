@@ -190,3 +190,10 @@ def test_evaluate_guide_catches_a_model_that_mixes_particles():
     pyro.set_rng_seed(0)
     d = evaluate_guide(model, guide, num_samples=200)
     assert abs(d["elbo"] - exact) < 1e-4 and abs(d["iwae"] - exact) < 1e-4
+
+
+@pytest.mark.parametrize("kw, name", [(dict(vectorize="yes"), "vectorize"), (dict(max_plate_nesting=-1), "max_plate_nesting")])
+def test_evaluate_guide_names_a_bad_option(kw, name):
+    model = lambda: pyro.sample("z", dist.Normal(0.0, 1.0))  # noqa: E731
+    with pytest.raises((TypeError, ValueError), match=name):
+        evaluate_guide(model, model, num_samples=10, **kw)
