@@ -2,6 +2,7 @@
 assertions; the ratios are for humans to read)."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
@@ -50,3 +51,15 @@ def test_bench_guide_cost_runs(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "funnel" in out and "AutoPlanarFlow" in out and "(1.00x)" in out
+
+
+def test_optimiser_choice_runs(capsys):
+    bench = _load("optimiser_choice")
+    threads = torch.get_num_threads()
+    try:
+        bench.main(["--models", "banana", "--seeds", "0", "--steps", "3"])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.count("banana") == 4 and "ClippedAdam" in out
+    assert not re.search(r"\bnan\b", out)
