@@ -581,3 +581,17 @@ def test_guide_options_are_checked():
     guide = AutoNormalizingFlow(model, lambda dim: planar_flow(dim + 1, 2))
     with pytest.raises(ValueError, match="init_transform_fn"):
         guide()
+
+
+def test_pyro_flows_without_inverses_train_without_stl():
+    # Pyro's planar layers invert only their cached outputs: no score for sticking the
+    # landing; the guide says so once and trains with the ordinary gradient
+    from functools import partial
+
+    from pyro.distributions.transforms import iterated, planar
+
+    data = _normal_data()
+    guide = AutoNormalizingFlow(constrained_model, partial(iterated, 2, planar))
+    with pytest.warns(RuntimeWarning, match="Planar has no score push and no inverse"):
+        losses = _train(constrained_model, guide, 20, args=(data,))
+    assert all(math.isfinite(x) for x in losses) and guide.stl is False

@@ -12,6 +12,7 @@ through its support's bijection; each site is emitted as a ``Delta`` inside its 
 from __future__ import annotations
 
 import numbers
+import warnings
 from contextlib import ExitStack
 from typing import Callable, Dict, Optional, Sequence, Union
 
@@ -33,7 +34,8 @@ from .._compat import autoguide_setup_prototype
 from .curvature import _DEFAULT_INIT_SCALE, inspect_model
 from .neutra import PlacedFlowTransform, _arguments_in_placement, placement_arguments
 from .placement import place_latents
-from .posterior import _FlowPosterior, build_flow
+from .posterior import _FlowPosterior, build_flow, elementary_parts
+from .stl import score_unavailable
 from .prototype import (SiteLayout, _arg_shapes, _hide_from_prototype, check_latent_shapes,
                         latent_layout)
 from .saving import _GuideSaving
@@ -194,7 +196,9 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         whose noise does not vanish at the optimum. The score :math:`\nabla_z \log q(z)`
         this needs is pushed forward through the layers by Sherman–Morrison / Woodbury
         (``push_score``, no inverse solve; transforms without it fall back to autograd
-        through their inverses). Works with every ELBO of Pyro that scores the guide's
+        through their inverses; a flow with a layer that has neither, such as Pyro's
+        ``Planar``, gets a ``RuntimeWarning`` at setup and the ordinary gradient). Works with
+        every ELBO of Pyro that scores the guide's
         sample with ``log_prob`` (``Trace_ELBO``, ``JitTrace_ELBO``, vectorised particles).
     :param centered: how hierarchical sites are parameterised. A *hierarchical* site is a
         Normal, LogNormal or MultivariateNormal site whose prior loc or scale depends on
@@ -308,6 +312,14 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         if getattr(self, "base_kind", "normal") == "studentt":
             self.base_df = PyroParam(torch.full_like(loc, STUDENTT_INIT_DF), self.df_constraint)
         self.transform = build_flow(self._init_transform_fn, self.latent_dim, loc)
+        if self.stl:
+            why = score_unavailable(elementary_parts([self.transform]), self.latent_dim, loc)
+            if why is not None:
+                warnings.warn(
+                    f"{type(self).__name__}: sticking-the-landing gradients need the score "
+                    f"∇ log q at the sample, through every layer, but {why}; the guide uses "
+                    "the ordinary gradient (stl=False)", RuntimeWarning)
+                self.stl = False
         if restored:  # a plain nn.Module: pyro.module keeps its fresh tensors unless told
             pyro.module(self._pyro_get_fullname("transform"), self.transform, update_module_params=True)
         self._setup_hierarchical(args, kwargs, keep_scale=restored)

@@ -44,8 +44,17 @@ def build_flow(init_transform_fn, latent_dim: int, like: torch.Tensor) -> Transf
         )
     if isinstance(transform, torch.nn.Module):
         transform = transform.to(device=like.device, dtype=like.dtype)
-    # a flow of the wrong size would otherwise fail inside the first step; in eval mode, so
-    # that no module updates running statistics on the probe
+    # a flow of the wrong size would otherwise fail inside the first step: this package's
+    # layers say their size; others are probed with one zero vector (in eval mode, so
+    # that no module updates running statistics on it)
+    dims = [getattr(t, "input_dim", None) for t in _flatten_transform(transform)]
+    if dims and all(isinstance(d, int) for d in dims):
+        if any(d != latent_dim for d in dims):
+            raise ValueError(
+                f"init_transform_fn({latent_dim}) returned a transform of input_dim {dims}, but "
+                f"the model's latent dimension is {latent_dim}"
+            )
+        return transform
     training = getattr(transform, "training", None)
     try:
         if training:

@@ -102,3 +102,23 @@ def stl_log_q(
     if score is None:
         score = autograd_score(z, log_prob)
     return stl_surrogate(log_q, z, score)
+
+
+def score_unavailable(parts: Sequence[Transform], dim: int, like: torch.Tensor) -> Optional[str]:
+    """Why the score ``∇ log q`` cannot be had through ``parts`` (a message), or ``None``:
+    every part must push it (``push_score``) or invert a value it did not make (the
+    autograd fallback); Pyro's planar, radial and Sylvester layers, for instance, only
+    invert their cached outputs. Probed with one zero vector, without gradients."""
+    if all(hasattr(t, "push_score") for t in parts):  # this package's layers: nothing to run
+        return None
+    x = torch.zeros(1, dim, dtype=like.dtype, device=like.device)
+    with torch.no_grad():
+        for t in parts:
+            y = t(x)
+            if not hasattr(t, "push_score"):
+                try:
+                    t.inv(y.clone())
+                except (NotImplementedError, KeyError, RuntimeError) as e:
+                    return f"{type(t).__name__} has no score push and no inverse ({type(e).__name__})"
+            x = y
+    return None
