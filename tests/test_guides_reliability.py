@@ -176,3 +176,54 @@ def test_a_support_that_depends_on_a_latent_site_is_named_at_setup():
 
     with pytest.raises(ValueError, match=r"site 'x' has a support whose bounds depend on .*'a'"):
         AutoPlanarFlow(model)()
+
+
+def test_initial_scales_are_halved_where_draws_collapse_the_log_joint():
+    # an exponential link fed a wide group scale times a placed site: at the prior median
+    # (sigma = 5) the curvature scales let a few draws reach exp(-h) ~ e^30
+    y = 0.3 * torch.randn(40, generator=torch.Generator().manual_seed(0))
+
+    def model(y):
+        sigma = pyro.sample("sigma", dist.HalfCauchy(5.0))
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("t", len(y)):
+            h = pyro.sample("h", dist.Normal(mu, sigma))
+            pyro.sample("y", dist.Normal(0.0, (h / 2).exp()), obs=y)
+
+    from pyro_nfvi._weights import _draw
+    from pyro_nfvi.guides.curvature import _TAME_GAP_PER_DIM
+
+    pyro.clear_param_store()
+    guide = AutoPlanarFlow(model, num_flows=2)
+    state = torch.get_rng_state()
+    guide(y)
+    assert guide.initial_scale_halvings >= 1
+    with torch.no_grad():
+        lw = _draw(model, guide, (y,), {}, 64, None, None, None)[1]
+    assert lw.median() - lw.mean() < _TAME_GAP_PER_DIM * guide.latent_dim
+
+    def benign(y):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with pyro.plate("t", len(y)):
+            pyro.sample("y", dist.Normal(mu, 1.0), obs=y)
+
+    pyro.clear_param_store()
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    g = AutoPlanarFlow(benign, num_flows=2)
+    g(y)
+    assert g.initial_scale_halvings == 0
+    # the draws of the check come from a forked stream: the user's stream has moved only
+    # by what the guide's setup and its first draw take without it
+    after = torch.get_rng_state()
+    pyro.clear_param_store()
+    torch.set_rng_state(state)
+    import pyro_nfvi.guides.flow as flow_module
+
+    original = flow_module.tame_initial_scale
+    flow_module.tame_initial_scale = lambda *a, **k: 0
+    try:
+        AutoPlanarFlow(benign, num_flows=2)(y)
+    finally:
+        flow_module.tame_initial_scale = original
+    assert torch.equal(torch.get_rng_state(), after)

@@ -30,8 +30,8 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import _product
 from pyro.nn.module import PyroParam
 
-from .._compat import autoguide_setup_prototype
-from .curvature import _DEFAULT_INIT_SCALE, inspect_model
+from .._compat import autoguide_setup_prototype, split_init_messenger
+from .curvature import _DEFAULT_INIT_SCALE, inspect_model, tame_initial_scale
 from .neutra import PlacedFlowTransform, _arguments_in_placement, placement_arguments
 from .placement import place_latents
 from .posterior import _FlowPosterior, build_flow, elementary_parts
@@ -184,6 +184,10 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         log joint is not concave there; clamped to [1e-3, 1]), see
         :func:`~pyro_nfvi.guides.curvature.inspect_model`. A fixed 0.1 (AutoNormal's) left a Neal's-funnel guide
         at ELBO -0.84 after 1000 steps of the default schedule; from the curvature, -0.02.
+        These scales are then halved (up to 6 times; ``initial_scale_halvings`` says how
+        often) while a few draws of the initial guide land where the log joint collapses
+        (:func:`~pyro_nfvi.guides.curvature.tame_initial_scale`: an exponential link fed a
+        wide group scale times a placed site, as in stochastic volatility).
     :param full_rank: if ``True`` the affine layer is a lower-triangular
         (full covariance) matrix ``diag(scale) @ scale_tril`` initialised to
         ``init_scale * I``; if ``False`` it is diagonal. Default ``None``: full rank up to
@@ -332,6 +336,9 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         if self._hierarchical:
             self._nfvi_placement_check = (self._placement_args,
                                           _arguments_in_placement(self, args, kwargs))
+        if self._init_scale is None and not restored:  # curvature scales, set up above
+            self.initial_scale_halvings = tame_initial_scale(
+                self, split_init_messenger(self.model)[1], args, kwargs)
 
     def _setup_hierarchical(self, args, kwargs, keep_scale: bool = False) -> None:
         """Find the hierarchical sites and set the initial scales (unless ``keep_scale``:
