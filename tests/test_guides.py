@@ -360,7 +360,7 @@ def test_error_no_latent_sites():
     def model():
         pyro.sample("y", dist.Normal(0.0, 1.0), obs=torch.tensor(0.3))
 
-    with pytest.raises(ValueError, match="no latent"):
+    with pytest.raises(ValueError, match="no continuous latent"):
         AutoPlanarFlow(model, num_flows=2)()
 
 

@@ -227,3 +227,19 @@ def test_initial_scales_are_halved_where_draws_collapse_the_log_joint():
     finally:
         flow_module.tame_initial_scale = original
     assert torch.equal(torch.get_rng_state(), after)
+
+
+def test_a_param_store_left_by_another_model_is_named():
+    def small():
+        pyro.sample("x", dist.Normal(0.0, 1.0).expand([3]).to_event(1))
+
+    def large():
+        pyro.sample("x", dist.Normal(0.0, 1.0).expand([5]).to_event(1))
+
+    pyro.clear_param_store()
+    AutoPlanarFlow(small, num_flows=2)()
+    guide = AutoPlanarFlow(large, num_flows=2)
+    with pytest.raises(ValueError, match=r"param store holds 'AutoPlanarFlow.loc' of shape \(3,\)"):
+        guide()
+    pyro.clear_param_store()
+    assert guide()["x"].shape == (5,)  # usable once the store is cleared

@@ -306,6 +306,13 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         self.scale = PyroParam(
             torch.full_like(loc, self._init_scale or _DEFAULT_INIT_SCALE), self.scale_constraint
         )
+        for name in ("loc", "scale"):  # values from the param store must fit this model
+            if getattr(self, name).shape != loc.shape:
+                raise ValueError(
+                    f"Pyro's param store holds {self._pyro_get_fullname(name)!r} of shape "
+                    f"{tuple(getattr(self, name).shape)}, from another guide of this name; this "
+                    f"model needs shape {tuple(loc.shape)}: call pyro.clear_param_store() first"
+                )
         self.full_rank = (
             self.latent_dim <= FULL_RANK_MAX_DIM
             if self._full_rank_option is None

@@ -66,8 +66,9 @@ def latent_layout(prototype_trace, guide_name: str
                 )
     if not shapes:
         raise ValueError(
-            f"{guide_name} found no latent variables in the model (all sample sites "
-            "are observed); use an empty guide instead, e.g. `lambda *a, **k: None`."
+            f"{guide_name} found no continuous latent sites in the model (its sample sites "
+            "are observed, or discrete and enumerated, which TraceEnum_ELBO marginalises); "
+            "use an empty guide instead, e.g. `lambda *a, **k: None`."
         )
     return shapes, stacks
 
