@@ -118,6 +118,7 @@ class PlacedFlowTransform(Transform):
         >>> def model():
         ...     y = pyro.sample("y", dist.Normal(0.0, 3.0))
         ...     pyro.sample("x", dist.Normal(0.0, torch.exp(y / 2)).expand([3]).to_event(1))
+        >>> pyro.clear_param_store()  # a new guide: no parameters of an earlier one
         >>> guide = AutoPlanarFlow(model, num_flows=2)
         >>> t = guide.get_transform()
         >>> eps = torch.randn(4, 4)
