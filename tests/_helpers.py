@@ -44,3 +44,28 @@ def write_fake_mnist(root, num_train=120, num_test=40, seed=0):
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
             struct.pack(">II", 0x801, n) + labels.numpy().tobytes())
     return root
+
+
+def assert_checkpoint_restores(make_guide, model, args, train, path, first):
+    """Pyro's param-store checkpoint recipe: train ``make_guide(model)`` with
+    ``train(guide)``, save the store to ``path``; clear, load, build a new guide, call it
+    (``first == "call"``) or not, and check its medians equal the fitted guide's and the
+    store's values the saved ones."""
+    import pyro
+
+    pyro.clear_param_store()
+    guide = make_guide(model)
+    train(guide)
+    ref = guide.median(*args)
+    saved = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
+    pyro.get_param_store().save(path)
+    pyro.clear_param_store()
+    pyro.get_param_store().load(path)
+    restored = make_guide(model)
+    if first == "call":
+        restored(*args)
+    med = restored.median(*args)
+    for name in ref:
+        torch.testing.assert_close(med[name], ref[name])
+    for k, v in pyro.get_param_store().items():
+        torch.testing.assert_close(v.detach(), saved[k])

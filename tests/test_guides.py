@@ -21,6 +21,7 @@ from pyro.infer import (
 from pyro.infer.autoguide import AutoMultivariateNormal
 from pyro.infer.reparam import NeuTraReparam
 
+from _helpers import assert_checkpoint_restores
 from pyro_nfvi.guides import AutoNormalizingFlow, AutoPlanarFlow, AutoRadialFlow
 from pyro_nfvi.helpers import planar_flow, radial_flow
 
@@ -552,22 +553,9 @@ def test_param_store_checkpoint_restores_the_guide(tmp_path, first):
             pyro.sample("obs", dist.Normal(theta, 1.0), obs=x)
 
     x = torch.tensor([1.0, 3.0, -1.0, 2.0, 0.5])
-    pyro.clear_param_store()
-    guide = AutoPlanarFlow(model, num_flows=2)
-    _train(model, guide, 100, lr=0.05, args=(x,))
-    ref = guide.median(x)
-    saved = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
-    pyro.get_param_store().save(tmp_path / "store.pt")
-    pyro.clear_param_store()
-    pyro.get_param_store().load(tmp_path / "store.pt")
-    restored = AutoPlanarFlow(model, num_flows=2)
-    if first == "call":
-        restored(x)
-    med = restored.median(x)
-    for name in ref:
-        torch.testing.assert_close(med[name], ref[name])
-    for k, v in pyro.get_param_store().items():
-        torch.testing.assert_close(v.detach(), saved[k])
+    assert_checkpoint_restores(lambda m: AutoPlanarFlow(m, num_flows=2), model, (x,),
+                               lambda g: _train(model, g, 100, lr=0.05, args=(x,)),
+                               tmp_path / "store.pt", first)
 
 
 def test_guide_options_are_checked():

@@ -10,6 +10,7 @@ import torch
 from pyro import poutine
 from pyro.infer import Predictive, Trace_ELBO
 
+from _helpers import assert_checkpoint_restores
 from pyro_nfvi.diagnostics import evaluate_guide
 from pyro_nfvi.guides import AutoNormalizingFlow, AutoPlanarFlow
 from pyro_nfvi.guides import AutoHamiltonianFlow
@@ -271,17 +272,7 @@ def test_param_store_checkpoint_restores_the_guide(tmp_path, first):
             pyro.sample("obs", dist.Normal(mu, s), obs=x)
 
     x = torch.tensor([1.0, 3.0, -1.0, 2.0, 0.5])
-    pyro.clear_param_store()
     pyro.set_rng_seed(0)
-    guide = AutoHamiltonianFlow(model, num_steps=2)
-    fit(model, guide, x, num_steps=100, progress=False)
-    ref = guide.median(x)
-    pyro.get_param_store().save(tmp_path / "store.pt")
-    pyro.clear_param_store()
-    pyro.get_param_store().load(tmp_path / "store.pt")
-    restored = AutoHamiltonianFlow(model, num_steps=2)
-    if first == "call":
-        restored(x)
-    med = restored.median(x)
-    for name in ref:
-        torch.testing.assert_close(med[name], ref[name])
+    assert_checkpoint_restores(lambda m: AutoHamiltonianFlow(m, num_steps=2), model, (x,),
+                               lambda g: fit(model, g, x, num_steps=100, progress=False),
+                               tmp_path / "store.pt", first)
