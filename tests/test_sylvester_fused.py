@@ -45,8 +45,11 @@ def _value_and_grads(fn, x, params, gy, gl):
 
 
 @pytest.mark.parametrize("route", [FUSED_NUMPY, FUSED_TORCH])
-@pytest.mark.parametrize("variant", list(VARIANTS))
-def test_fused_matches_plain_values_and_gradients(variant, route):
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["orthogonal_MD_transposed_solve"])
+def test_fused_matches_plain_values_and_gradients(variant, route, monkeypatch):
+    if variant.endswith("_transposed_solve"):  # NumPy's solves as x^T = b^T a^{-T} (M >= 8)
+        monkeypatch.setattr(fs, "_TRANSPOSED_SOLVE_MIN_RHS", 1)
+        variant = variant[: -len("_transposed_solve")]
     flow = _flow(variant)
     params = flow._params_tuple()
     x, gy, gl = _inputs()
@@ -105,10 +108,12 @@ def _score_by_autograd(flow, y):
 
 
 @pytest.mark.parametrize("route", [FUSED_NUMPY, FUSED_TORCH])
-@pytest.mark.parametrize("variant", list(VARIANTS) + ["orthogonal_M20"])
+@pytest.mark.parametrize("variant", list(VARIANTS) + ["orthogonal_M20", "orthogonal_M20_transposed_solve"])
 def test_fused_push_score_matches_the_exact_inverse(variant, route, monkeypatch):
-    if variant == "orthogonal_M20":  # M above the substitution loop: one batched solve
+    if variant.startswith("orthogonal_M20"):  # M above the substitution loop: one batched solve
         monkeypatch.setattr(fs, "_PUSH_LOOP_MAX_M", 1)
+        if variant.endswith("_transposed_solve"):  # ... solved as x^T = b^T a^{-T}
+            monkeypatch.setattr(fs, "_TRANSPOSED_SOLVE_MIN_RHS", 1)
         variant = "orthogonal_MD"
     flow = _flow(variant, scale=1.0, seed=7)
     x = torch.randn(30, D, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
