@@ -126,6 +126,25 @@ def test_fused_push_score_matches_the_exact_inverse(variant, route, monkeypatch)
     assert torch.allclose(score2, score, atol=1e-12)
 
 
+@pytest.mark.parametrize("route", [FUSED_NUMPY, FUSED_TORCH])
+@pytest.mark.parametrize("systems", ["loop", "all_layers", "per_layer"])
+@pytest.mark.parametrize("variant", ["orthogonal_MD", "triangular"])
+def test_forward_pass_push_matches_the_exact_inverse(variant, systems, route, monkeypatch):
+    """The score pushed from the forward pass's saved quantities (what the guide's step
+    runs): by substitution (M <= 8), or by triangular solves whose systems are built for
+    all layers at once or layer by layer (large K N M^2)."""
+    if systems != "loop":
+        monkeypatch.setattr(fs, "_PUSH_LOOP_MAX_M", 1)
+    if systems == "per_layer":
+        monkeypatch.setattr(fs, "_PUSH_BATCHED_MAX", 0)
+    flow = _flow(variant, scale=1.0, seed=3)
+    x = torch.randn(2, 15, D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y, ladj, score = fs.sylvester_stack_push_kernel(x, flow._params_tuple(), stacked_sylvester_plain,
+                                                    -x, route)
+    assert torch.allclose(y, flow.call_and_ladj(x)[0], atol=1e-12)
+    assert torch.allclose(score, _score_by_autograd(flow, y.detach().clone()), atol=1e-9, rtol=1e-9)
+
+
 def test_float32_kernel_close_to_float64_plain():
     flow = _flow("orthogonal_M2")
     x = torch.randn(50, D, dtype=torch.float64)

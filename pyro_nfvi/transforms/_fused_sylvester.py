@@ -45,6 +45,11 @@ USE_KERNEL = True
 _PUSH_LOOP_MAX_M = 8
 
 
+# The score push builds the triangular systems of all layers at once up to this many
+# entries (K N M^2; 4 MiB in float32), layer by layer above.
+_PUSH_BATCHED_MAX = 1 << 20
+
+
 # NumPy products below this many multiply-adds stay in NumPy (single-threaded BLAS calls
 # without torch's dispatch; measured ~5x faster than torch.matmul on zero-copy views at
 # 256 x 50 x 8, one thread); larger ones go through torch (see :func:`._fused._mm`).
@@ -327,13 +332,15 @@ def sylvester_stack_push_kernel(
     return _SylvesterStack.apply(x, b, R, Rt, U, kernel_route(x, b, route), plain, score.detach())
 
 
-def _push_score_layer(xp, s, At, Bt, q, Wt_low, t, hp, det):
-    """The score through one layer, from its activation ``t = tanh(z B^T + b)``,
-    ``hp = 1 - t^2``, ``det = t^2 + q hp`` and ``Wt_low``, the strict lower triangle of
-    ``W^T = (R~ R)^T`` (see :func:`.sylvester.sylvester_push_score`)."""
-    s = s - _mm(xp, (q - 1) * (-2 * t * hp) / det, Bt.T)
+def _push_score_layer(xp, s, At, Bt, Wt_low, g_det, hp, det, lower=None):
+    """The score through one layer (see :func:`.sylvester.sylvester_push_score`), from
+    ``hp = 1 - t^2`` and ``det = t^2 + q hp`` of its activation ``t = tanh(z B^T + b)``,
+    ``g_det = (q - 1)(-2 t hp) / det`` (the log-det's gradient in the pre-activation) and
+    ``Wt_low``, the strict lower triangle of ``W^T = (R~ R)^T``; ``lower``: the systems'
+    matrices ``(N, M, M)`` if built already (see :func:`_push_saved`)."""
+    s = s - _mm(xp, g_det, Bt.T)
     r = _mm(xp, s, At.T)  # A^T s, (N, M)
-    M = q.shape[-1]
+    M = det.shape[-1]
     if M <= _PUSH_LOOP_MAX_M:
         # (I + W^T H) w = r, lower triangular: w_i = (r_i - Σ_{j<i} W_ji h_j w_j) / det_i
         v = xp.empty_like(r)
@@ -341,19 +348,28 @@ def _push_score_layer(xp, s, At, Bt, q, Wt_low, t, hp, det):
             w_i = r[:, i] if i == 0 else r[:, i] - v[:, :i] @ Wt_low[i, :i]
             v[:, i] = hp[:, i] * w_i / det[:, i]
     else:
-        N_ = _set_diag(xp, Wt_low[None] * hp[:, None, :], det)
-        w = _solve_triangular(xp, N_, r[:, :, None], upper=False)[:, :, 0]
+        if lower is None:
+            lower = _set_diag(xp, Wt_low[None] * hp[:, None, :], det)
+        w = _solve_triangular(xp, lower, r[:, :, None], upper=False)[:, :, 0]
         v = hp * w
     return s - _mm(xp, v, Bt.T)
 
 
 def _push_saved(xp, saved, s):
-    """The score pushed through the stack from what :func:`_forward` saved."""
+    """The score pushed through the stack from what :func:`_forward` saved: the
+    elementwise factors (and, above the substitution loop, the triangular systems) of all
+    layers in one pass each, then the sequential part layer by layer."""
     At, Bt, q, (Rm, Rtm, _, _, _), _, ts, det = saved
+    K, M = q.shape
     Wt_low = _strict_lower_wt(xp, Rm, Rtm)
-    for k in range(ts.shape[0]):
-        t = ts[k]
-        s = _push_score_layer(xp, s, At[k], Bt[k], q[k], Wt_low[k], t, 1 - t * t, det[k])
+    hp = 1 - ts * ts  # (K, N, M)
+    g_det = (q[:, None, :] - 1) * (-2 * ts * hp) / det
+    lower = None
+    if M > _PUSH_LOOP_MAX_M and ts.shape[0] * ts.shape[1] * M * M <= _PUSH_BATCHED_MAX:
+        lower = _set_diag(xp, Wt_low[:, None] * hp[:, :, None, :], det)  # (K, N, M, M)
+    for k in range(K):
+        s = _push_score_layer(xp, s, At[k], Bt[k], Wt_low[k], g_det[k], hp[k], det[k],
+                              None if lower is None else lower[k])
     return s
 
 
@@ -368,7 +384,7 @@ def _push_layer(xp, z, s, At, Bt, b, q, Wt_low):
     hp = 1 - t * t
     det = t * t + q * hp
     y = z + _mm(xp, t, At)
-    return y, _push_score_layer(xp, s, At, Bt, q, Wt_low, t, hp, det)
+    return y, _push_score_layer(xp, s, At, Bt, Wt_low, (q - 1) * (-2 * t * hp) / det, hp, det)
 
 
 def sylvester_stack_push_score(x, score, params, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
