@@ -131,9 +131,18 @@ def mvn_placement(loc: torch.Tensor, scale_tril: torch.Tensor, c: Optional[torch
         >>> h.tolist(), log_jac.sum().item()
         ([1.0, 1.0], 0.0)
     """
-    factor, log_jac = _partial_factor(scale_tril, c)
-    shift = loc if c is None else (1 - c) * loc
-    h = shift + (factor @ x.unsqueeze(-1)).squeeze(-1)
+    if c is None:
+        h = loc + (scale_tril @ x.unsqueeze(-1)).squeeze(-1)
+        return h, torch.log(scale_tril.diagonal(dim1=-2, dim2=-1)).expand(h.shape)
+    # L_c x without forming L_c (whose T x T entries cost a pass each, with their
+    # backward): with y = d^(1-c) x, L_c x = y + (1 - c)(M y - y) and M y = L (y / d) =
+    # L (d^(-c) x), so one (batched) matrix-vector product and vector ops
+    keep = 1 - c
+    log_d = torch.log(scale_tril.diagonal(dim1=-2, dim2=-1))
+    log_jac = keep * log_d
+    y = log_jac.exp() * x
+    my = (scale_tril @ (torch.exp(-c * log_d) * x).unsqueeze(-1)).squeeze(-1)
+    h = keep * loc + y + keep * (my - y)
     return h, log_jac.expand(h.shape)
 
 
