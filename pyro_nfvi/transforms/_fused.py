@@ -188,45 +188,47 @@ def _planar_backward(xp, x, th, saved, gy, gl):
     return g_x, g_th
 
 
-# From this dimension on, the parameter gradient of a planar stack is assembled with
-# two products against the stacked rows [u; w; gy; x] (few passes over (K, D) arrays)
-# instead of a dozen elementwise ops on (K, D) temporaries.
+# From this dimension on, the parameter gradient of a planar stack is assembled by
+# matrix products written straight into the gradient's (K, 2D+1) memory (few passes over
+# (K, D) arrays) instead of a dozen elementwise ops on (K, D) temporaries.
 _PLANAR_BASIS_MIN_D = 256
 
 
 def _planar_param_grad_large_d(xp, x, th, saved, gy, g, p, g_q):
     """The gradient of :func:`_planar_backward` w.r.t. ``th = [u | w | b]`` for large D.
 
-    With ``û = u + coef w`` the two (K, D) blocks are linear in the rows of
-    ``B = [u; w; gy; x]``:
+    With ``û = u + coef w`` the two (K, D) blocks are linear in ``u``, ``w``, ``gy``, ``x``:
     ``g_u = (pᵀ + diag g_a) w + t gy`` and
     ``g_w = (diag g_a + p) u + (coef pᵀ + diag(2 g_‖w‖²) + p coefᵀ) w + (coef t) gy + g x``,
     and ``g_coef_k = (g_û)_k·w_k`` comes from the Gram products ``w wᵀ`` and ``gy wᵀ``.
-    So the work is one copy of ``B`` and three matrix products, whatever ``K``.
+    Each block is a chain of accumulating products (``addmm_``, torch's BLAS on zero-copy
+    views of the NumPy arrays) into its strided view of the result: nothing of size
+    (K, D) is copied or stacked.
     """
-    K, D, N = th.shape[0], x.shape[1], x.shape[0]
+    K, D = th.shape[0], x.shape[1]
     t, det, u_hat, q, m, (wu, sp, den, coef, s) = saved
-    basis = xp.empty((2 * K + 2 * N, D), dtype=x.dtype)
-    basis[:K], basis[K : 2 * K] = th[:, :D], th[:, D : 2 * D]
-    basis[2 * K : 2 * K + N], basis[2 * K + N :] = gy, x
-    w_gy = basis[K : 2 * K + N]
-    gram = _mm(xp, w_gy, basis[K : 2 * K].T)  # (K + N, K): w_j·w_k and gy_n·w_k
-    g_coef = ((p * gram[:K]).sum(0) + (t * gram[K:].T).sum(1))[:, None]
+    as_torch = torch.from_numpy if xp is np else (lambda a: a)
+    tht, gyt, xt = as_torch(th), as_torch(_as_contiguous(xp, gy)), as_torch(x)
+    u, w = tht[:, :D], tht[:, D : 2 * D]
+    gram_ww, gram_gw = w @ w.mT, gyt @ w.mT  # w_j·w_k, gy_n·w_k
+    if xp is np:
+        gram_ww, gram_gw = gram_ww.numpy(), gram_gw.numpy()
+    g_coef = ((p * gram_ww).sum(0) + (t * gram_gw.T).sum(1))[:, None]
     sig = softplus_grad(xp, wu + PLANAR_U_SHIFT)
     g_a = g_coef * (sig - 1) / den + g_q * (sig * s + 1 - s)
     floor = xp.finfo(x.dtype).eps ** 2
     g_wn2 = xp.where(s == 1, -g_coef * coef / den, g_q * (sp - 1 - wu) / floor)
     eye = xp.eye(K, dtype=x.dtype)
-    coeffs = xp.zeros((2 * K, 2 * K + 2 * N), dtype=x.dtype)
-    coeffs[:K, K : 2 * K] = p.T + eye * g_a
-    coeffs[:K, 2 * K : 2 * K + N] = t
-    coeffs[K:, :K] = eye * g_a + p
-    coeffs[K:, K : 2 * K] = coef * p.T + eye * (2 * g_wn2) + p * coef.T
-    coeffs[K:, 2 * K : 2 * K + N] = coef * t
-    coeffs[K:, 2 * K + N :] = g
-    r = _mm(xp, coeffs, basis)  # (2K, D): [g_u; g_w]
+    c_uw = p.T + eye * g_a
+    c_wu = eye * g_a + p
+    c_ww = coef * p.T + eye * (2 * g_wn2) + p * coef.T
     g_th = xp.empty_like(th)
-    g_th[:, :D], g_th[:, D : 2 * D] = r[:K], r[K:]
+    gt = as_torch(g_th)
+    g_u, g_w = gt[:, :D], gt[:, D : 2 * D]
+    # beta=0: the uninitialised memory is not read
+    g_u.addmm_(as_torch(c_uw), w, beta=0).addmm_(as_torch(t), gyt)
+    g_w.addmm_(as_torch(c_wu), u, beta=0).addmm_(as_torch(c_ww), w)
+    g_w.addmm_(as_torch(_as_contiguous(xp, coef * t)), gyt).addmm_(as_torch(g), xt)
     g_th[:, 2 * D] = g.sum(1)
     return g_th
 
