@@ -85,13 +85,18 @@ def _as_contiguous(xp, a):
 _TORCH_MATMUL_MIN = 1 << 16
 
 
-def _mm(xp, a, b):
-    """``a @ b`` for a 2-D ``a`` and a 1-D or 2-D ``b``. Large NumPy products go through ``torch.matmul`` on
-    zero-copy views: NumPy's BLAS keeps its own thread pool, which ignores
-    ``torch.set_num_threads`` (and oversubscribes a machine where torch was limited);
-    small ones stay in NumPy, where the call is cheaper and BLAS does not spawn threads."""
-    if xp is np and a.shape[0] * a.shape[1] * (b.shape[1] if b.ndim == 2 else 1) >= _TORCH_MATMUL_MIN:
-        return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
+def _mm(xp, a, b, torch_min: int = _TORCH_MATMUL_MIN):
+    """``a @ b`` for a 2-D ``a`` and a 1-D or 2-D ``b``. Large NumPy products (``torch_min``
+    multiply-adds or more) go through ``torch.matmul`` on zero-copy views: NumPy's BLAS
+    keeps its own thread pool, which ignores ``torch.set_num_threads`` (and oversubscribes
+    a machine where torch was limited); small ones stay in NumPy, where the call is
+    cheaper and BLAS does not spawn threads."""
+    if xp is np:
+        if a.shape[0] * a.shape[1] * (b.shape[1] if b.ndim == 2 else 1) >= torch_min:
+            return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
+        # np.dot, not @: the same product, but matmul takes a slow loop for a transposed
+        # (D, 1) view (15x at D = 20000: the radial backward's feature-major arrays)
+        return np.dot(a, b)
     return a @ b
 
 

@@ -57,9 +57,7 @@ _TORCH_MATMUL_MIN = 1 << 22
 
 
 def _mm(xp, a, b):
-    if xp is np and a.shape[0] * a.shape[1] * b.shape[-1] >= _TORCH_MATMUL_MIN:
-        return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
-    return a @ b
+    return _fused._mm(xp, a, b, torch_min=_TORCH_MATMUL_MIN)
 
 
 def _empty(xp, shape, like):
