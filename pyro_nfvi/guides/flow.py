@@ -23,7 +23,6 @@ from torch.distributions.transforms import ComposeTransform, Transform
 import pyro
 import pyro.distributions as dist
 from pyro.distributions import constraints
-from pyro.distributions.transforms import LowerCholeskyAffine
 from pyro.distributions.util import eye_like
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
@@ -31,6 +30,7 @@ from pyro.infer.autoguide.utils import _product
 from pyro.nn.module import PyroParam
 
 from .._compat import autoguide_setup_prototype, split_init_messenger
+from .affine import ScaledUnitLowerAffine
 from .curvature import _DEFAULT_INIT_SCALE, inspect_model, tame_initial_scale
 from .neutra import PlacedFlowTransform, _arguments_in_placement, placement_arguments
 from .placement import place_latents
@@ -464,7 +464,7 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
 
     def _affine(self) -> Transform:
         if self.full_rank:
-            return LowerCholeskyAffine(self.loc, scale_tril=self.scale[..., None] * self.scale_tril)
+            return ScaledUnitLowerAffine(self.loc, self.scale, self.scale_tril)
         return dist.transforms.AffineTransform(self.loc, self.scale, event_dim=1)
 
     def get_transform(self, *args, **kwargs) -> Transform:

@@ -11,6 +11,8 @@ from torch.distributions.transforms import Transform
 import pyro.distributions as dist
 from pyro.distributions.transforms import LowerCholeskyAffine
 
+from .affine import ScaledUnitLowerAffine
+
 
 @torch.no_grad()
 def _push_score(
@@ -28,6 +30,8 @@ def _affine_score(t: Transform, score: torch.Tensor) -> Optional[torch.Tensor]:
     """The score pushed through the guide's affine layer (``None``: not one of them)."""
     if isinstance(t, dist.transforms.AffineTransform) and t.event_dim == 1:
         return score / t.scale
+    if isinstance(t, ScaledUnitLowerAffine):
+        return t.pushed_score(score)
     if isinstance(t, LowerCholeskyAffine):
         tril = t.scale_tril
         s = torch.linalg.solve_triangular(tril.mT, score.unsqueeze(-1), upper=True)
