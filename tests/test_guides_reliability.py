@@ -9,6 +9,7 @@ import torch
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 from pyro.infer import SVI, Predictive, Trace_ELBO
 
 from pyro_nfvi.guides import AutoNormalizingFlow, AutoPlanarFlow, AutoSylvesterFlow
@@ -243,3 +244,44 @@ def test_a_param_store_left_by_another_model_is_named():
         guide()
     pyro.clear_param_store()
     assert guide()["x"].shape == (5,)  # usable once the store is cleared
+
+
+# --- masks: the guide reads its own mask, not the model's --------------------------------
+
+_MASK_LATENT = {"on": False}
+
+
+def _model_with_masked_latent():
+    a = pyro.sample("a", dist.Normal(0.0, 1.0))
+    with poutine.mask(mask=not _MASK_LATENT["on"]):
+        # a hierarchical (placed) site on a constrained support: both log-Jacobians count
+        pyro.sample("s", dist.LogNormal(a, 0.5))
+
+
+def _guide_log_densities(guide):
+    pyro.set_rng_seed(1)
+    trace = poutine.trace(guide).get_trace()
+    return {n: site["fn"].log_density for n, site in trace.nodes.items()
+            if site["type"] == "sample" and isinstance(site["fn"], dist.Delta)}
+
+
+def test_guide_site_log_densities_ignore_the_models_masks():
+    """A latent site the *model* masks keeps its log-Jacobian in the guide (as Pyro's
+    AutoContinuous, which checks the mask in the guide's context): the model's mask
+    scales the model's log-density, not the guide's. Under the guide's own
+    mask(False), every site's log-density is 0."""
+    pyro.clear_param_store()
+    guide = AutoPlanarFlow(_model_with_masked_latent, num_flows=2)
+    guide()
+    assert "s" in guide.hierarchical_sites
+    plain = _guide_log_densities(guide)
+    _MASK_LATENT["on"] = True
+    try:
+        masked = _guide_log_densities(guide)
+    finally:
+        _MASK_LATENT["on"] = False
+    assert torch.is_tensor(plain["s"]) and plain["s"].abs() > 1e-3
+    assert torch.equal(masked["s"], plain["s"])
+    with poutine.mask(mask=False):
+        off = _guide_log_densities(guide)
+    assert all(float(v) == 0.0 for v in off.values())

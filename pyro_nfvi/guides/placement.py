@@ -164,19 +164,24 @@ def _is_identity(transform) -> bool:
     return isinstance(transform, ComposeTransform) and not transform.parts
 
 
-def to_site(fn, unconstrained: torch.Tensor, log_jac: Optional[torch.Tensor] = None):
+def to_site(fn, unconstrained: torch.Tensor, log_jac: Optional[torch.Tensor] = None,
+            unmasked: bool = True):
     """``(value, log|d x / d value|)``: an unconstrained draw mapped by the support bijection
     of the site distribution ``fn``; ``log_jac`` (shaped like ``unconstrained``) is the
-    log-Jacobian of a placement ``x -> unconstrained`` that came before."""
+    log-Jacobian of a placement ``x -> unconstrained`` that came before. ``unmasked=False``
+    (the guide runs under ``poutine.mask(False)``, what Pyro's ``AutoContinuous`` checks,
+    in the guide's context): the value, with log-density 0."""
     transform = biject_to(fn.support)
-    if poutine.get_mask() is False:
+    if not unmasked:
         return transform(unconstrained), 0.0
     if _is_identity(transform):  # a real support: no map, no log-Jacobian of its own
         if log_jac is None:
             return unconstrained, 0.0
         return unconstrained, -sum_rightmost(log_jac, fn.event_dim)
     value = transform(unconstrained)
-    log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
+    # log|d unconstrained / d value| = -log|d value / d unconstrained|: the forward map's
+    # log-Jacobian at the values it was just given (no inverse transform object)
+    log_density = -transform.log_abs_det_jacobian(unconstrained, value)
     log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + fn.event_dim)
     if log_jac is not None:  # (Multivariate)Normal/LogNormal: value and x have one shape
         log_density = log_density - sum_rightmost(log_jac, fn.event_dim)
@@ -273,10 +278,11 @@ class _PlaceLatents(Messenger):
     and the prior's parameters the placement read in ``params``."""
 
     def __init__(self, xs: Dict[str, torch.Tensor], centering: Dict[str, Optional[torch.Tensor]],
-                 fns: Dict[str, object], densities: bool = True) -> None:
+                 fns: Dict[str, object], densities: bool = True, unmasked: bool = True) -> None:
         super().__init__()
         self.xs, self.centering, self.fns = xs, centering, fns
         self.densities = densities  # False: values only (``placed`` holds log-density None)
+        self.unmasked = unmasked  # False: log-densities 0 (see to_site)
         self.placed: Dict[str, tuple] = {}
         self.unconstrained: Dict[str, torch.Tensor] = {}
         self.log_jac: Dict[str, torch.Tensor] = {}
@@ -298,7 +304,7 @@ class _PlaceLatents(Messenger):
         else:
             unconstrained, log_jac = x, None
         if self.densities:
-            value, log_density = to_site(self.fns[name], unconstrained, log_jac)
+            value, log_density = to_site(self.fns[name], unconstrained, log_jac, self.unmasked)
         else:
             value, log_density = biject_to(self.fns[name].support)(unconstrained), None
         self.unconstrained[name] = unconstrained
@@ -346,8 +352,11 @@ def place_latents(model: Callable, xs: Dict[str, torch.Tensor],
     hierarchical sites (keys of ``centering``) placed by one run of ``model``'s prior up to
     its last latent site, the others mapped by their support bijection alone."""
     placed: Dict[str, tuple] = {}
+    # the guide's own mask, read here, in the guide's context (inside the blocked model
+    # run below it would see the model's masks instead)
+    unmasked = poutine.get_mask() is not False
     if centering:
-        placer = _PlaceLatents(xs, centering, fns)
+        placer = _PlaceLatents(xs, centering, fns, unmasked=unmasked)
         # without argument checks of the prior's distributions: the model's own run (the
         # ELBO's) builds them again from the same values and checks them there
         with pyro.validation_enabled(False):
@@ -355,5 +364,5 @@ def place_latents(model: Callable, xs: Dict[str, torch.Tensor],
         placed = placer.placed
     for name, x in xs.items():  # every site, if no placement; else any the run missed
         if name not in placed:
-            placed[name] = to_site(fns[name], x)
+            placed[name] = to_site(fns[name], x, unmasked=unmasked)
     return placed
