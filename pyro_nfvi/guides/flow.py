@@ -38,7 +38,7 @@ from .posterior import _FlowPosterior, build_flow, elementary_parts
 from .stl import score_unavailable
 from .prototype import (SiteLayout, _arg_shapes, _hide_from_prototype, check_latent_shapes,
                         latent_layout)
-from .saving import _GuideSaving
+from .saving import _GuideSaving, take_stored_module_params
 from .summaries import _GuideSummaries
 
 
@@ -331,8 +331,8 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
                     f"∇ log q at the sample, through every layer, but {why}; the guide uses "
                     "the ordinary gradient (stl=False)", RuntimeWarning)
                 self.stl = False
-        if restored:  # a plain nn.Module: pyro.module keeps its fresh tensors unless told
-            pyro.module(self._pyro_get_fullname("transform"), self.transform, update_module_params=True)
+        if restored:
+            take_stored_module_params(self, "transform", self.transform)
         self._setup_hierarchical(args, kwargs, keep_scale=restored)
         self._arg_shapes = _arg_shapes(args, kwargs)
         # the model's arguments for get_transform(), which places the hierarchical sites

@@ -13,13 +13,13 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoGuide
-from pyro.params.param_store import param_with_module_name
 
 from .._validation import check_int
 from ..diagnostics import plate_nesting
 from .summaries import _SEED
 from .families import AutoPlanarFlow
 from .flow import AutoNormalizingFlow
+from .saving import take_stored_module_params
 from ..transforms.hamiltonian import Hamiltonian
 
 
@@ -182,13 +182,9 @@ class AutoHamiltonianFlow(AutoGuide):
             for j in range(math.prod(shape))
         ]
         self.hamiltonian = h.to(dtype=base.loc.dtype, device=base.loc.device)
-        name = self._pyro_get_fullname("hamiltonian") if self._pyro_context.active else None
-        store = pyro.get_param_store()
-        if name is not None and any(param_with_module_name(name, n) in store
-                                    for n, _ in self.hamiltonian.named_parameters()):
-            # a checkpoint loaded before the first call: its leapfrog parameters, as the
-            # base guide takes its own (a plain nn.Module keeps fresh tensors unless told)
-            pyro.module(name, self.hamiltonian, update_module_params=True)
+        # a checkpoint loaded before the first call: its leapfrog parameters, as the base
+        # guide takes its own
+        take_stored_module_params(self, "hamiltonian", self.hamiltonian)
 
     def _check_model(self, args, kwargs) -> None:
         """Discrete latents (enumerated or not) have no gradient: refuse them by name."""

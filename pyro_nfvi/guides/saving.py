@@ -6,7 +6,26 @@ from __future__ import annotations
 import pickle
 from typing import Callable
 
+import pyro
+import torch
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median
+from pyro.params.param_store import param_with_module_name
+
+
+def take_stored_module_params(guide, name: str, module: torch.nn.Module) -> bool:
+    """Register the guide's submodule ``module`` (attribute ``name``) with Pyro, taking
+    the values Pyro's param store holds for it (a checkpoint loaded before the first
+    call: ``pyro.get_param_store().load``), as Pyro's guides take theirs; ``False`` (and
+    nothing done) where the store holds none. Why: a plain ``nn.Module`` keeps its fresh
+    tensors under ``pyro.module`` unless told to update them."""
+    if not guide._pyro_context.active:
+        return False
+    fullname = guide._pyro_get_fullname(name)
+    store = pyro.get_param_store()
+    if not any(param_with_module_name(fullname, n) in store for n, _ in module.named_parameters()):
+        return False
+    pyro.module(fullname, module, update_module_params=True)
+    return True
 
 
 class _GuideSaving:
