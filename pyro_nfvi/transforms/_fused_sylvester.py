@@ -23,7 +23,6 @@ the bounded triangles (elementwise) and ``Q = I - U T^{-1} U_{:M}^T``,
 
 from __future__ import annotations
 
-import functools
 import math
 
 from typing import Optional, Tuple
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 
 from . import _fused
-from ._fused import FUSED_NUMPY, KERNEL_ROUTES, PLAIN, _kernel_for, _namespace, _to_torch
+from ._fused import FUSED_NUMPY, KERNEL_ROUTES, PLAIN, _kernel_for, _namespace, _strict_triangle, _to_torch
 from ._math import DIAG_BOUND, OFFDIAG_BOUND
 
 __all__ = ["sylvester_stack_kernel", "sylvester_stack_push_kernel", "sylvester_stack_push_score"]
@@ -72,20 +71,6 @@ def _sum_samples(xp, a):
     if xp is np:
         return np.ones(a.shape[1], dtype=a.dtype) @ a
     return a.sum(1)
-
-
-@functools.lru_cache(maxsize=32)
-def _strict_mask(n: int, upper: bool) -> np.ndarray:
-    return np.triu(np.ones((n, n), dtype=bool), 1) if upper else np.tril(np.ones((n, n), dtype=bool), -1)
-
-
-def _strict_triangle(xp, a, upper: bool = True):
-    """The strict upper (or lower) triangle of ``a (..., n, n)``, zeros elsewhere. In
-    NumPy by one ``where`` on a cached mask (``np.triu`` builds its mask every call: 2-4x
-    slower on these small stacks)."""
-    if xp is np:
-        return np.where(_strict_mask(a.shape[-1], upper), a, 0)
-    return xp.triu(a, 1) if upper else xp.tril(a, -1)
 
 
 def _set_diag(xp, a, v):
