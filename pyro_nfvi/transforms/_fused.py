@@ -84,7 +84,9 @@ def _as_contiguous(xp, a):
 
 @functools.lru_cache(maxsize=32)
 def _strict_mask(n: int, upper: bool) -> np.ndarray:
-    return np.triu(np.ones((n, n), dtype=bool), 1) if upper else np.tril(np.ones((n, n), dtype=bool), -1)
+    mask = np.triu(np.ones((n, n), dtype=bool), 1) if upper else np.tril(np.ones((n, n), dtype=bool), -1)
+    mask.setflags(write=False)  # shared by every caller
+    return mask
 
 
 def _strict_triangle(xp, a, upper: bool = True):
