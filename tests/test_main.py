@@ -142,6 +142,7 @@ def test_ctrl_c_with_jobs_stops_workers_promptly(tmp_path):
         [sys.executable, "-m", "pyro_nfvi", "--jobs", "2", "--targets", "U1", "U2",
          "--steps", "1000000", "--num-flows", "2", "--out", str(tmp_path / "f.png")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        start_new_session=True,  # its own process group: the cleanup below reaches every worker
     )
     children = []
     try:
@@ -166,8 +167,13 @@ def test_ctrl_c_with_jobs_stops_workers_promptly(tmp_path):
         while running() and time.time() < deadline:
             time.sleep(0.5)
         assert not running(), f"workers still running: {running()}"
-    finally:  # never leave a process of this test behind, even when it fails
-        for pid in [proc.pid] + children:
+    finally:  # never leave a process of this test behind, even when it fails (a worker
+        # orphaned by killing the parent would go on fitting its million steps)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in children:
             try:
                 os.kill(pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
