@@ -143,6 +143,10 @@ def test_ctrl_c_with_jobs_stops_workers_promptly(tmp_path):
          "--steps", "1000000", "--num-flows", "2", "--out", str(tmp_path / "f.png")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
         start_new_session=True,  # its own process group: the cleanup below reaches every worker
+        # SIGINT's default disposition, as a terminal's Ctrl-C finds it: an ignored SIGINT
+        # is inherited across exec, and Lightning's teardown (earlier tests, this process)
+        # can leave it ignored, which made the child deaf to the signal sent below
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     children = []
     try:
