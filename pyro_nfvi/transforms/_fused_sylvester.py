@@ -212,20 +212,20 @@ def _forward(xp, x, b, R_raw, Rt_raw, U):
         xp.tanh(_mm(xp, zs[k], Bt[k]) + b[k], out=ts[k])
         xp.add(zs[k], _mm(xp, ts[k], At[k]), out=zs[k + 1])
     t2 = ts * ts
-    det = t2 + q[:, None, :] * (1 - t2)
+    hp = 1 - t2  # h'(a), kept for the backward and the score push
+    det = t2 + q[:, None, :] * hp
     ladj = xp.log(det).sum(0).sum(1)  # over layers first: see _sum_samples
-    return zs[K], ladj, (At, Bt, q, parts, zs, ts, det)
+    return zs[K], ladj, (At, Bt, q, parts, zs, ts, hp, det)
 
 
 def _backward(xp, x, b, R_raw, Rt_raw, U, saved, gy, gl):
-    At, Bt, q, parts, zs, ts, det = saved
+    At, Bt, q, parts, zs, ts, hp, det = saved
     K, M = b.shape
     A, B = _contig(xp, At.swapaxes(-1, -2)), _contig(xp, Bt.swapaxes(-1, -2))
-    hp = 1 - ts * ts  # (K, N, M)
     gl_det = gl[None, :, None] / det  # (K, N, M)
     gq = _sum_samples(xp, gl_det * hp)
-    # dL/da through the log-det, and the factor h' that turns dL/dt into dL/da
-    g_a_ld = gl_det * (2 * ts) * (1 - q[:, None, :]) * hp
+    # dL/da through the log-det (h' turns dL/dt into dL/da in the loop below)
+    g_a_ld = gl[None, :, None] * _log_det_grad(ts, hp, det, q[:, None, :])
     # gs[k + 1]: dL/d(output of layer k), written in place layer by layer; gs[0]: dL/dx
     gs = _empty(xp, zs.shape, x)
     gs[K] = gy
@@ -340,10 +340,16 @@ def sylvester_stack_push_kernel(
     return _SylvesterStack.apply(x, b, R, Rt, U, kernel_route(x, b, route), plain, score.detach())
 
 
+def _log_det_grad(t, hp, det, q):
+    """``d log det / d a = 2 t h' (1 - q) / det``, per coordinate, for ``det = t^2 + q h'``
+    with ``t = tanh(a)`` and ``h' = 1 - t^2``: what the backward and the score push take."""
+    return 2 * t * hp * (1 - q) / det
+
+
 def _push_score_layer(xp, s, At, Bt, Wt_low, g_det, hp, det, lower=None):
     """The score through one layer (see :func:`.sylvester.sylvester_push_score`), from
     ``hp = 1 - t^2`` and ``det = t^2 + q hp`` of its activation ``t = tanh(z B^T + b)``,
-    ``g_det = (q - 1)(-2 t hp) / det`` (the log-det's gradient in the pre-activation) and
+    ``g_det`` (:func:`_log_det_grad`, the log-det's gradient in the pre-activation) and
     ``Wt_low``, the strict lower triangle of ``W^T = (R~ R)^T``; ``lower``: the systems'
     matrices ``(N, M, M)`` if built already (see :func:`_push_saved`)."""
     s = s - _mm(xp, g_det, Bt.T)
@@ -367,11 +373,10 @@ def _push_saved(xp, saved, s):
     """The score pushed through the stack from what :func:`_forward` saved: the
     elementwise factors (and, above the substitution loop, the triangular systems) of all
     layers in one pass each, then the sequential part layer by layer."""
-    At, Bt, q, (Rm, Rtm, _, _, _), _, ts, det = saved
+    At, Bt, q, (Rm, Rtm, _, _, _), _, ts, hp, det = saved
     K, M = q.shape
     Wt_low = _strict_lower_wt(xp, Rm, Rtm)
-    hp = 1 - ts * ts  # (K, N, M)
-    g_det = (q[:, None, :] - 1) * (-2 * ts * hp) / det
+    g_det = _log_det_grad(ts, hp, det, q[:, None, :])
     lower = None
     if M > _PUSH_LOOP_MAX_M and ts.shape[0] * ts.shape[1] * M * M <= _PUSH_BATCHED_MAX:
         lower = _set_diag(xp, Wt_low[:, None] * hp[:, :, None, :], det)  # (K, N, M, M)
@@ -392,7 +397,7 @@ def _push_layer(xp, z, s, At, Bt, b, q, Wt_low):
     hp = 1 - t * t
     det = t * t + q * hp
     y = z + _mm(xp, t, At)
-    return y, _push_score_layer(xp, s, At, Bt, Wt_low, (q - 1) * (-2 * t * hp) / det, hp, det)
+    return y, _push_score_layer(xp, s, At, Bt, Wt_low, _log_det_grad(t, hp, det, q), hp, det)
 
 
 def sylvester_stack_push_score(x, score, params, route=None) -> Tuple[torch.Tensor, torch.Tensor]:
