@@ -11,7 +11,6 @@ import torch
 from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform, IndependentTransform
 
-import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 from pyro.distributions.util import sum_rightmost
@@ -83,7 +82,10 @@ def _normal_placement(loc: torch.Tensor, scale: torch.Tensor, c: Optional[torch.
         value, log_jac = loc + scale * x, torch.log(scale)
     else:
         keep = 1 - c  # one op for the three uses (each also a node in the backward)
-        value, log_jac = keep * loc + scale.pow(keep) * x, keep * torch.log(scale)
+        # scale^(1 - c) as the exp of the log-Jacobian: pow's backward would take two
+        # more logs and powers
+        log_jac = keep * torch.log(scale)
+        value = keep * loc + log_jac.exp() * x
     return value, log_jac.expand(value.shape)
 
 
@@ -358,9 +360,14 @@ def place_latents(model: Callable, xs: Dict[str, torch.Tensor],
     if centering:
         placer = _PlaceLatents(xs, centering, fns, unmasked=unmasked)
         # without argument checks of the prior's distributions: the model's own run (the
-        # ELBO's) builds them again from the same values and checks them there
-        with pyro.validation_enabled(False):
+        # ELBO's) builds them again from the same values and checks them there (only
+        # those switched off: pyro.validation_enabled also saves and sets two more flags)
+        checks = dist.is_validation_enabled()
+        dist.enable_validation(False)
+        try:
             _run_latents(placer, model, args, kwargs)
+        finally:
+            dist.enable_validation(checks)
         placed = placer.placed
     for name, x in xs.items():  # every site, if no placement; else any the run missed
         if name not in placed:

@@ -147,6 +147,6 @@ class SiteLayout:
                 for _, _, _, shape, event_dim in self.sites
             ]
         return {
-            name: latent[..., pos : pos + size].view(view_shape)
+            name: latent.narrow(-1, pos, size).view(view_shape)  # narrow: no index parsing
             for (name, pos, size, _, _), view_shape in zip(self.sites, shapes)
         }

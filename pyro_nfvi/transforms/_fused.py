@@ -35,7 +35,7 @@ import torch
 from .._compat import compile_unavailable_errors, functorch_transforms_active
 from ._math import (
     maximum,
-    planar_det,
+    planar_det_parts,
     planar_stack_loop,
     PLANAR_U_SHIFT,
     planar_u_hat_parts,
@@ -100,16 +100,23 @@ def _strict_triangle(xp, a, upper: bool = True):
 
 # Products with at least this many multiply-adds run in torch (see :func:`_mm`).
 _TORCH_MATMUL_MIN = 1 << 16
+# Matrix-matrix products up to this many multiply-adds stay in NumPy whatever
+# ``torch_min`` says: OpenBLAS (NumPy's wheels) runs a product of at most 4 x 65536 on
+# one thread (its GEMM_MULTITHREAD_THRESHOLD x SMP_THRESHOLD_MIN), where NumPy's call
+# is about half torch.matmul's (32 x 256 x 32, one thread: 5.7 vs 10 us)
+_NUMPY_GEMM_MAX = 1 << 18
 
 
 def _mm(xp, a, b, torch_min: int = _TORCH_MATMUL_MIN):
     """``a @ b`` for a 2-D ``a`` and a 1-D or 2-D ``b``. Large NumPy products (``torch_min``
-    multiply-adds or more) go through ``torch.matmul`` on zero-copy views: NumPy's BLAS
-    keeps its own thread pool, which ignores ``torch.set_num_threads`` (and oversubscribes
-    a machine where torch was limited); small ones stay in NumPy, where the call is
-    cheaper and BLAS does not spawn threads."""
+    multiply-adds or more, and for a 2-D ``b`` more than :data:`_NUMPY_GEMM_MAX`) go
+    through ``torch.matmul`` on zero-copy views: NumPy's BLAS keeps its own thread pool,
+    which ignores ``torch.set_num_threads`` (and oversubscribes a machine where torch was
+    limited); small ones stay in NumPy, where the call is cheaper and BLAS does not spawn
+    threads."""
     if xp is np:
-        if a.shape[0] * a.shape[1] * (b.shape[1] if b.ndim == 2 else 1) >= torch_min:
+        size = a.shape[0] * a.shape[1] * (b.shape[1] if b.ndim == 2 else 1)
+        if size >= torch_min and (b.ndim == 1 or size > _NUMPY_GEMM_MAX):
             return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
         # np.dot, not @: the same product, but matmul takes a slow loop for a transposed
         # (D, 1) view (15x at D = 20000: the radial backward's feature-major arrays)
@@ -127,39 +134,57 @@ def _mm(xp, a, b, torch_min: int = _TORCH_MATMUL_MIN):
 def _planar_recurrence(xp, a, m):
     """``t_k = tanh(a_k + Σ_{j<k} m_kj t_j)`` for ``a (K, N)``, ``m (K, K)``."""
     K = a.shape[0]
-    t = xp.zeros_like(a)
     if xp is not np:
+        t = xp.zeros_like(a)
         for k in range(K):
             xp.tanh(a[k] + m[k, :k] @ t[:k], out=t[k])
         return t
     dot, tanh = np.dot, np.tanh
     if a.shape[1] == 1:
+        t = np.zeros_like(a)
         av, tv = a[:, 0], t[:, 0]
         for k, (ak, mk) in enumerate(zip(av, m)):
             tv[k] = tanh(ak + dot(mk[:k], tv[:k]))
         return t
+    # each step in place in its row of t (dot, add, tanh; no temporaries): dot's out=
+    # takes only a C-contiguous row of the product's own dtype
+    t = np.empty(a.shape, dtype=a.dtype)
+    m, add = m.astype(a.dtype, copy=False), np.add
+    tanh(a[0], out=t[0])
     for k, (ak, mk, tk) in enumerate(zip(a, m, t)):
-        tanh(ak + dot(mk[:k], t[:k]), out=tk)
+        if k:
+            dot(mk[:k], t[:k], out=tk)
+            tanh(add(tk, ak, out=tk), out=tk)
     return t
 
 
 def _planar_recurrence_grad(xp, c, s, m):
     """``g_k = s_k (c_k + Σ_{j>k} m_jk g_j)``, the adjoint of :func:`_planar_recurrence`."""
     K = c.shape[0]
-    g = xp.zeros_like(c)
     mt = m.T
     if xp is not np:
+        g = xp.zeros_like(c)
         for k in reversed(range(K)):
             g[k] = s[k] * (c[k] + mt[k, k + 1 :] @ g[k + 1 :])
         return g
     dot = np.dot
     if c.shape[1] == 1:
+        g = np.zeros_like(c)
         cv, sv, gv = c[:, 0], s[:, 0], g[:, 0]
         for k in reversed(range(K)):
             gv[k] = sv[k] * (cv[k] + dot(mt[k, k + 1 :], gv[k + 1 :]))
         return g
-    for k in reversed(range(K)):
-        np.multiply(s[k], c[k] + dot(mt[k, k + 1 :], g[k + 1 :]), out=g[k])
+    # each step in place in its row of g (C-contiguous, see above), reading contiguous
+    # rows of m^T
+    g = np.empty(c.shape, dtype=c.dtype)
+    mt, add, mul = np.ascontiguousarray(mt, dtype=c.dtype), np.add, np.multiply
+    rows = list(zip(range(K), mt, c, s, g))
+    for k, mk, ck, sk, gk in reversed(rows):
+        if k < K - 1:
+            dot(mk[k + 1 :], g[k + 1 :], out=gk)
+            mul(add(gk, ck, out=gk), sk, out=gk)
+        else:
+            mul(ck, sk, out=gk)
     return g
 
 
@@ -177,19 +202,19 @@ def _planar_forward(xp, x, th):
     a = _mm(xp, w, x.T) + b[:, None]  # (K, N)
     t = _planar_recurrence(xp, a, m)
     y = x + _mm(xp, t.T, u_hat)
-    det = planar_det(t, q, xp)  # (K, N)
-    return y, xp.log(det).sum(0), (t, det, u_hat, q, m, parts)
+    det, h1 = planar_det_parts(t, q, xp)  # (K, N)
+    return y, xp.log(det).sum(0), (t, h1, det, u_hat, q, m, parts)
 
 
 def _planar_backward(xp, x, th, saved, gy, gl):
     D = x.shape[1]
     u, w = th[:, :D], th[:, D : 2 * D]
-    t, det, u_hat, q, m, (wu, sp, den, coef, s) = saved
-    s_t = 1 - t * t
+    t, s_t, det, u_hat, q, m, (wu, sp, den, coef, s) = saved
     gl_det = gl[None, :] / det  # (K, N): d/d det_k of the summed log-det
     g_q = (gl_det * s_t).sum(1)[:, None]
     # c_k = dL/dt_k through y and through the log-det (d det/dt = 2 t (1 - q))
-    c = _mm(xp, u_hat, gy.T) + gl_det * (2 * t) * (1 - q)
+    c = _mm(xp, u_hat, gy.T)
+    c += gl_det * t * (2 * (1 - q))
     g = _planar_recurrence_grad(xp, c, s_t, m)  # g_k = dL/da_k
     p = _strict_triangle(xp, _mm(xp, g, t.T), upper=False)  # p_kj = Σ_n g_kn t_jn, j < k
     g_x = gy + _mm(xp, g.T, w)
@@ -228,7 +253,7 @@ def _planar_param_grad_large_d(xp, x, th, saved, gy, g, p, g_q):
     (K, D) is copied or stacked.
     """
     K, D = th.shape[0], x.shape[1]
-    t, det, u_hat, q, m, (wu, sp, den, coef, s) = saved
+    t, _, det, u_hat, q, m, (wu, sp, den, coef, s) = saved
     as_torch = torch.from_numpy if xp is np else (lambda a: a)
     tht, gyt, xt = as_torch(th), as_torch(_as_contiguous(xp, gy)), as_torch(x)
     u, w = tht[:, :D], tht[:, D : 2 * D]
@@ -376,13 +401,12 @@ def _planar_push_saved(xp, x, th, saved, score):
     recurrence through the same ``(K, K)`` matrix ``m`` as the forward pass, and
     ``s_y = s_0 - Σ_k c_k w_k`` is one product: nothing of size ``D`` per layer.
 
-    Works from what :func:`_planar_forward` saved (``t``, ``det``, ``û``, ``q``, ``m``),
+    Works from what :func:`_planar_forward` saved (``t``, ``h'``, ``det``, ``û``, ``q``, ``m``),
     so a forward pass that also pushes the score (:func:`planar_stack_push_kernel`)
     costs the score recurrence alone."""
     D = x.shape[1]
     w = th[:, D : 2 * D]
-    t, det, u_hat, q, m, _ = saved
-    h1 = 1 - t * t
+    t, h1, det, u_hat, q, m, _ = saved
     kq = q - 1
     h2k = -2 * t * h1 * kq  # h''(a) k
     beta = h1 / det

@@ -81,11 +81,18 @@ def planar_u_hat(u: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.
     return u_hat, q
 
 
-def planar_det(t, q, xp=torch):
-    """``det J = 1 + (q-1)(1-t²)`` of a planar layer with ``t = tanh(w·x + b)``, computed
-    as ``t² + q(1-t²)`` (no cancellation)."""
+def planar_det_parts(t, q, xp=torch):
+    """``(det J, h')``: ``det J = 1 + (q-1)(1-t²)`` of a planar layer with
+    ``t = tanh(w·x + b)``, computed as ``t² + q(1-t²)`` (no cancellation), and the
+    ``h' = 1 - t²`` it used (the fused kernel keeps it for its backward and score push)."""
     t2 = t * t
-    return maximum(xp, t2 + q * (1 - t2), xp.finfo(t2.dtype).tiny)
+    h1 = 1 - t2
+    return maximum(xp, t2 + q * h1, xp.finfo(t2.dtype).tiny), h1
+
+
+def planar_det(t, q, xp=torch):
+    """``det J`` of a planar layer, see :func:`planar_det_parts`."""
+    return planar_det_parts(t, q, xp)[0]
 
 
 def planar_log_det(t, q, xp=torch):
