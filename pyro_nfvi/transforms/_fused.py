@@ -146,15 +146,15 @@ def _planar_recurrence(xp, a, m):
         for k, (ak, mk) in enumerate(zip(av, m)):
             tv[k] = tanh(ak + dot(mk[:k], tv[:k]))
         return t
-    # each step in place in its row of t (dot, add, tanh; no temporaries): dot's out=
-    # takes only a C-contiguous row of the product's own dtype
-    t = np.empty(a.shape, dtype=a.dtype)
-    m, add = m.astype(a.dtype, copy=False), np.add
-    tanh(a[0], out=t[0])
-    for k, (ak, mk, tk) in enumerate(zip(a, m, t)):
-        if k:
-            dot(mk[:k], t[:k], out=tk)
-            tanh(add(tk, ak, out=tk), out=tk)
+    # two calls a step: row k of t holds a_k until step k, so that with a unit diagonal
+    # in m one dot gives a_k + Σ_{j<k} m_kj t_j (into a buffer: dot's out= may not
+    # overlap its inputs, and takes only a C-contiguous array of the product's dtype)
+    t = np.array(a, dtype=a.dtype, order="C")
+    m1 = np.array(m, dtype=a.dtype, order="C")
+    np.fill_diagonal(m1, 1)
+    buf = np.empty(a.shape[1], dtype=a.dtype)
+    for k, (mk, tk) in enumerate(zip(m1, t)):
+        tanh(dot(mk[: k + 1], t[: k + 1], out=buf), out=tk)
     return t
 
 
@@ -174,17 +174,14 @@ def _planar_recurrence_grad(xp, c, s, m):
         for k in reversed(range(K)):
             gv[k] = sv[k] * (cv[k] + dot(mt[k, k + 1 :], gv[k + 1 :]))
         return g
-    # each step in place in its row of g (C-contiguous, see above), reading contiguous
-    # rows of m^T
-    g = np.empty(c.shape, dtype=c.dtype)
-    mt, add, mul = np.ascontiguousarray(mt, dtype=c.dtype), np.add, np.multiply
-    rows = list(zip(range(K), mt, c, s, g))
-    for k, mk, ck, sk, gk in reversed(rows):
-        if k < K - 1:
-            dot(mk[k + 1 :], g[k + 1 :], out=gk)
-            mul(add(gk, ck, out=gk), sk, out=gk)
-        else:
-            mul(ck, sk, out=gk)
+    # two calls a step, as in _planar_recurrence: row k of g holds c_k until step k, and
+    # m^T (contiguous rows) gets a unit diagonal
+    g = np.array(c, dtype=c.dtype, order="C")
+    mt1 = np.array(mt, dtype=c.dtype, order="C")
+    np.fill_diagonal(mt1, 1)
+    buf, mul = np.empty(c.shape[1], dtype=c.dtype), np.multiply
+    for k, mk, sk, gk in reversed(list(zip(range(K), mt1, s, g))):
+        mul(dot(mk[k:], g[k:], out=buf), sk, out=gk)
     return g
 
 
@@ -388,8 +385,14 @@ def _planar_score_recurrence(xp, alpha, beta, us, m):
         for k in range(K):
             cv[k] = av[k] + bv[k] * (uv[k] - dot(mt[k, :k], cv[:k]))
         return c
-    for k, (ak, bk, uk, ck) in enumerate(zip(alpha, beta, us, c)):
-        np.add(ak, bk * (uk - dot(mt[k, :k], c[:k])), out=ck)
+    # three calls a step, as in _planar_recurrence: row k of c holds us_k until step k,
+    # and -m^T gets a unit diagonal, so one dot gives us_k - Σ_{j<k} m_jk c_j
+    c = np.array(us, dtype=alpha.dtype, order="C")
+    mt1 = np.negative(mt, dtype=alpha.dtype, order="C")
+    np.fill_diagonal(mt1, 1)
+    buf, mul, add = np.empty(c.shape[1], dtype=c.dtype), np.multiply, np.add
+    for k, (ak, bk, mk, ck) in enumerate(zip(alpha, beta, mt1, c)):
+        add(ak, mul(bk, dot(mk[: k + 1], c[: k + 1], out=buf), out=buf), out=ck)
     return c
 
 
