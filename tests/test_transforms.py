@@ -501,6 +501,45 @@ def test_fused_backward_detects_in_place_parameter_change(make):
         (y.sum() + ladj.sum()).backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("order", ["C", "F"])
+@pytest.mark.parametrize("N", [1, 7])
+def test_planar_numpy_recurrences_match_the_torch_loops(dtype, order, N):
+    """The three scalar recurrences of the planar kernel in NumPy (each row holds its
+    layer's own term until that layer's step, one dot per step against a unit-diagonal
+    row; one row: NumPy scalars) equal the plain torch loops of the same formulas, for
+    C- and F-ordered inputs (the kernel's arrays are often transposed views)."""
+    import numpy as np
+
+    from pyro_nfvi.transforms import _fused
+
+    K = 32
+    gen = torch.Generator().manual_seed(N + K)
+    m = torch.randn(K, K, generator=gen, dtype=torch.float64).tril(-1) * 0.3
+    a, c, s, alpha, beta, us = (torch.randn(K, N, generator=gen, dtype=torch.float64) * 1.5
+                                for _ in range(6))
+    s = s.abs()
+
+    def as_np(t):
+        return np.asarray(t.to(dtype).numpy(), order=order)
+
+    tol = 1e-12 if dtype == torch.float64 else 1e-4
+    torch_loops = {
+        "forward": _fused._planar_recurrence(torch, a, m),
+        "adjoint": _fused._planar_recurrence_grad(torch, c, s, m),
+        "score": _fused._planar_score_recurrence(torch, alpha, beta, us, m),
+    }
+    numpy_loops = {
+        "forward": _fused._planar_recurrence(np, as_np(a), as_np(m)),
+        "adjoint": _fused._planar_recurrence_grad(np, as_np(c), as_np(s), as_np(m)),
+        "score": _fused._planar_score_recurrence(np, as_np(alpha), as_np(beta), as_np(us), as_np(m)),
+    }
+    for name, ref in torch_loops.items():
+        got = numpy_loops[name]
+        assert got.shape == (K, N) and got.dtype == as_np(a).dtype, name
+        assert torch.allclose(torch.from_numpy(got).double(), ref, rtol=tol, atol=tol), name
+
+
 @pytest.mark.parametrize("K", [5, 70])
 @pytest.mark.parametrize("shape", [(1, 3), (3,), (0, 3), (2, 4, 3)])
 def test_fused_planar_batch_shapes_and_long_stacks(K, shape):
