@@ -98,25 +98,28 @@ def _strict_triangle(xp, a, upper: bool = True):
     return xp.triu(a, 1) if upper else xp.tril(a, -1)
 
 
-# Products with at least this many multiply-adds run in torch (see :func:`_mm`).
-_TORCH_MATMUL_MIN = 1 << 16
-# Matrix-matrix products up to this many multiply-adds stay in NumPy whatever
-# ``torch_min`` says: OpenBLAS (NumPy's wheels) runs a product of at most 4 x 65536 on
-# one thread (its GEMM_MULTITHREAD_THRESHOLD x SMP_THRESHOLD_MIN), where NumPy's call
-# is about half torch.matmul's (32 x 256 x 32, one thread: 5.7 vs 10 us)
+# NumPy products that go through torch instead (see :func:`_mm`): matrix-vector products
+# from this many multiply-adds on
+_TORCH_MATVEC_MIN = 1 << 16
+# and matrix-matrix products above this many: OpenBLAS (NumPy's wheels) runs a product
+# of at most 4 x 65536 on one thread (GEMM_MULTITHREAD_THRESHOLD x SMP_THRESHOLD_MIN),
+# where NumPy's call is about half torch.matmul's (32 x 256 x 32, one thread: 5.7 vs 10 us)
 _NUMPY_GEMM_MAX = 1 << 18
 
 
-def _mm(xp, a, b, torch_min: int = _TORCH_MATMUL_MIN):
-    """``a @ b`` for a 2-D ``a`` and a 1-D or 2-D ``b``. Large NumPy products (``torch_min``
-    multiply-adds or more, and for a 2-D ``b`` more than :data:`_NUMPY_GEMM_MAX`) go
-    through ``torch.matmul`` on zero-copy views: NumPy's BLAS keeps its own thread pool,
-    which ignores ``torch.set_num_threads`` (and oversubscribes a machine where torch was
-    limited); small ones stay in NumPy, where the call is cheaper and BLAS does not spawn
-    threads."""
+def _mm(xp, a, b, numpy_gemm_max: int = _NUMPY_GEMM_MAX):
+    """``a @ b`` for a 2-D ``a`` and a 1-D or 2-D ``b``. Large NumPy products (see
+    :data:`_TORCH_MATVEC_MIN`; a matrix-matrix product above ``numpy_gemm_max``
+    multiply-adds) go through ``torch.matmul`` on zero-copy views: NumPy's BLAS keeps its
+    own thread pool, which ignores ``torch.set_num_threads`` (and oversubscribes a machine
+    where torch was limited); small ones stay in NumPy, where the call is cheaper and BLAS
+    does not spawn threads."""
     if xp is np:
-        size = a.shape[0] * a.shape[1] * (b.shape[1] if b.ndim == 2 else 1)
-        if size >= torch_min and (b.ndim == 1 or size > _NUMPY_GEMM_MAX):
+        if b.ndim == 1:
+            large = a.shape[0] * a.shape[1] >= _TORCH_MATVEC_MIN
+        else:
+            large = a.shape[0] * a.shape[1] * b.shape[1] > numpy_gemm_max
+        if large:
             return (torch.from_numpy(a) @ torch.from_numpy(b)).numpy()
         # np.dot, not @: the same product, but matmul takes a slow loop for a transposed
         # (D, 1) view (15x at D = 20000: the radial backward's feature-major arrays)
@@ -129,6 +132,15 @@ def _mm(xp, a, b, torch_min: int = _TORCH_MATMUL_MIN):
 # calls) and uses ``np.dot``, which for these sizes costs less than ``@``; with one
 # row (one draw: an SVI step with one particle) each step works on NumPy scalars,
 # about half the calls' cost. The arithmetic is the same in every variant.
+
+
+def _unit_diagonal(m, dtype, negate: bool = False) -> np.ndarray:
+    """A C-contiguous copy of ``m`` (negated if asked) with ones on its diagonal: the rows
+    the NumPy recurrences below dot against, so that one ``dot`` also adds the layer's
+    own term, kept in the output's row until that layer's step."""
+    out = np.negative(m, dtype=dtype, order="C") if negate else np.array(m, dtype=dtype, order="C")
+    np.fill_diagonal(out, 1)
+    return out
 
 
 def _planar_recurrence(xp, a, m):
@@ -150,10 +162,8 @@ def _planar_recurrence(xp, a, m):
     # in m one dot gives a_k + Σ_{j<k} m_kj t_j (into a buffer: dot's out= may not
     # overlap its inputs, and takes only a C-contiguous array of the product's dtype)
     t = np.array(a, dtype=a.dtype, order="C")
-    m1 = np.array(m, dtype=a.dtype, order="C")
-    np.fill_diagonal(m1, 1)
     buf = np.empty(a.shape[1], dtype=a.dtype)
-    for k, (mk, tk) in enumerate(zip(m1, t)):
+    for k, (mk, tk) in enumerate(zip(_unit_diagonal(m, a.dtype), t)):
         tanh(dot(mk[: k + 1], t[: k + 1], out=buf), out=tk)
     return t
 
@@ -177,10 +187,8 @@ def _planar_recurrence_grad(xp, c, s, m):
     # two calls a step, as in _planar_recurrence: row k of g holds c_k until step k, and
     # m^T (contiguous rows) gets a unit diagonal
     g = np.array(c, dtype=c.dtype, order="C")
-    mt1 = np.array(mt, dtype=c.dtype, order="C")
-    np.fill_diagonal(mt1, 1)
     buf, mul = np.empty(c.shape[1], dtype=c.dtype), np.multiply
-    for k, mk, sk, gk in reversed(list(zip(range(K), mt1, s, g))):
+    for k, mk, sk, gk in reversed(list(zip(range(K), _unit_diagonal(mt, c.dtype), s, g))):
         mul(dot(mk[k:], g[k:], out=buf), sk, out=gk)
     return g
 
@@ -388,9 +396,8 @@ def _planar_score_recurrence(xp, alpha, beta, us, m):
     # three calls a step, as in _planar_recurrence: row k of c holds us_k until step k,
     # and -m^T gets a unit diagonal, so one dot gives us_k - Σ_{j<k} m_jk c_j
     c = np.array(us, dtype=alpha.dtype, order="C")
-    mt1 = np.negative(mt, dtype=alpha.dtype, order="C")
-    np.fill_diagonal(mt1, 1)
     buf, mul, add = np.empty(c.shape[1], dtype=c.dtype), np.multiply, np.add
+    mt1 = _unit_diagonal(mt, alpha.dtype, negate=True)
     for k, (ak, bk, mk, ck) in enumerate(zip(alpha, beta, mt1, c)):
         add(ak, mul(bk, dot(mk[: k + 1], c[: k + 1], out=buf), out=buf), out=ck)
     return c

@@ -32,7 +32,7 @@ import torch
 
 from . import _fused
 from ._fused import FUSED_NUMPY, KERNEL_ROUTES, PLAIN, _kernel_for, _namespace, _strict_triangle, _to_torch
-from ._math import DIAG_BOUND, OFFDIAG_BOUND
+from ._math import DIAG_BOUND, OFFDIAG_BOUND, planar_det_parts
 
 __all__ = ["sylvester_stack_kernel", "sylvester_stack_push_kernel", "sylvester_stack_push_score"]
 
@@ -50,14 +50,14 @@ _PUSH_LOOP_MAX_M = 8
 _PUSH_BATCHED_MAX = 1 << 20
 
 
-# NumPy products below this many multiply-adds stay in NumPy (single-threaded BLAS calls
-# without torch's dispatch; measured ~5x faster than torch.matmul on zero-copy views at
-# 256 x 50 x 8, one thread); larger ones go through torch (see :func:`._fused._mm`).
-_TORCH_MATMUL_MIN = 1 << 22
+# NumPy matrix products up to this many multiply-adds stay in NumPy (measured: one
+# thread there, and ~5x faster than torch.matmul on zero-copy views at 256 x 50 x 8);
+# larger ones go through torch (see :func:`._fused._mm`).
+_NUMPY_GEMM_MAX = 1 << 22
 
 
 def _mm(xp, a, b):
-    return _fused._mm(xp, a, b, torch_min=_TORCH_MATMUL_MIN)
+    return _fused._mm(xp, a, b, numpy_gemm_max=_NUMPY_GEMM_MAX)
 
 
 def _empty(xp, shape, like):
@@ -211,9 +211,8 @@ def _forward(xp, x, b, R_raw, Rt_raw, U):
     for k in range(K):
         xp.tanh(_mm(xp, zs[k], Bt[k]) + b[k], out=ts[k])
         xp.add(zs[k], _mm(xp, ts[k], At[k]), out=zs[k + 1])
-    t2 = ts * ts
-    hp = 1 - t2  # h'(a), kept for the backward and the score push
-    det = t2 + q[:, None, :] * hp
+    # hp = h'(a), kept for the backward and the score push
+    det, hp = planar_det_parts(ts, q[:, None, :], xp)
     ladj = xp.log(det).sum(0).sum(1)  # over layers first: see _sum_samples
     return zs[K], ladj, (At, Bt, q, parts, zs, ts, hp, det)
 
@@ -394,8 +393,7 @@ def _strict_lower_wt(xp, Rm, Rtm):
 def _push_layer(xp, z, s, At, Bt, b, q, Wt_low):
     """One layer of :func:`.sylvester.sylvester_push_score` on ``(N, D)`` arrays."""
     t = xp.tanh(_mm(xp, z, Bt) + b)
-    hp = 1 - t * t
-    det = t * t + q * hp
+    det, hp = planar_det_parts(t, q, xp)
     y = z + _mm(xp, t, At)
     return y, _push_score_layer(xp, s, At, Bt, Wt_low, _log_det_grad(t, hp, det, q), hp, det)
 

@@ -84,7 +84,7 @@ def planar_u_hat(u: torch.Tensor, w: torch.Tensor) -> Tuple[torch.Tensor, torch.
 def planar_det_parts(t, q, xp=torch):
     """``(det J, h')``: ``det J = 1 + (q-1)(1-t²)`` of a planar layer with
     ``t = tanh(w·x + b)``, computed as ``t² + q(1-t²)`` (no cancellation), and the
-    ``h' = 1 - t²`` it used (the fused kernel keeps it for its backward and score push)."""
+    ``h' = 1 - t²`` it used (the fused kernels keep it for their backward and score push)."""
     t2 = t * t
     h1 = 1 - t2
     return maximum(xp, t2 + q * h1, xp.finfo(t2.dtype).tiny), h1
