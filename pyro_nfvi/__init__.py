@@ -1,8 +1,9 @@
 """pyro_nfvi: normalizing-flow variational inference for Pyro.
 
-Planar and radial flows with exact log-determinants and exact inverses of any point,
-conditional (hypernetwork) variants, fused K-layer stacks, flow autoguides, 2-D
-benchmark targets, training helpers and diagnostics. ``pyro_nfvi.plotting`` (matplotlib)
+Planar, radial, Sylvester and Hamiltonian flows with exact log-determinants and exact
+inverses of any point, conditional (hypernetwork) variants, fused K-layer stacks, flow
+autoguides, amortized flow posteriors, 2-D benchmark targets, training helpers, a
+hyperparameter search and diagnostics. ``pyro_nfvi.plotting`` (matplotlib)
 is imported on first use.
 """
 
