@@ -365,21 +365,25 @@ def fit_density(
         init_scale = check_positive(init_scale, "init_scale")
     if callback is not None and not callable(callback):
         raise ArgumentError(f"callback must be callable or None, got {type(callback).__name__}")
-    if not 0.0 < beta0 <= 1.0:
-        raise ValueError(f"beta0 must be in (0, 1], got {beta0}")
-    if anneal_steps is None:
-        anneal_steps = num_steps // 4
-    if anneal_steps < 0:
-        raise ValueError(f"anneal_steps must be >= 0, got {anneal_steps}")
+    if isinstance(beta0, bool) or not isinstance(beta0, numbers.Real) or not 0.0 < beta0 <= 1.0:
+        raise ArgumentError(f"beta0 must be a number in (0, 1], got {beta0!r}")
+    anneal_steps = num_steps // 4 if anneal_steps is None else check_int(anneal_steps, "anneal_steps", minimum=0)
     if seed is not None:
-        torch.manual_seed(seed)
+        seed = check_int(seed, "seed", minimum=0)
+    if base is not None and not (isinstance(base, torch.distributions.Distribution) and len(base.event_shape) == 1):
+        raise ArgumentError(
+            "base must be None or a distribution over vectors (event_shape of length 1, e.g. "
+            f"dist.Normal(loc, scale).to_event(1)), got {base!r}"
+        )
     log_p = log_density_fn(target)
     flows = _as_transform_list(flow)
+    if seed is not None:
+        torch.manual_seed(seed)
     if base is None:
         base = dist.Normal(torch.zeros(dim), torch.ones(dim)).to_event(1)
         event_dim = dim
     else:
-        event_dim = base.event_shape[-1] if len(base.event_shape) else 1
+        event_dim = base.event_shape[-1]
     affine_layer = AffineBase(event_dim, scale=init_scale) if affine else None
     params = _parameters(flows) + (list(affine_layer.parameters()) if affine_layer else [])
     if not params:

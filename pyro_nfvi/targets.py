@@ -160,18 +160,37 @@ def log_density_fn(target: Any) -> Callable[[torch.Tensor], torch.Tensor]:
     >>> log_density_fn(lambda z: -z.square().sum(-1))(torch.ones(2))
     tensor(-2.)
 
+    The function returned checks that the density has one value per point (shape
+    ``z.shape[:-1]``): a target summed over the batch, or a distribution without
+    ``.to_event(1)``, would otherwise change what a fit optimises without an error.
+
     :raises TypeError: if ``target`` is none of these.
     """
+    fn = None
     for attr in ("log_prob_unnormalized", "log_prob"):
-        fn = getattr(target, attr, None)
-        if callable(fn):
-            return fn
-    if callable(target):
-        return target
-    raise TypeError(
-        "target must be a Target (log_prob_unnormalized), a distribution (log_prob) or a "
-        f"callable z -> log p~(z), got {type(target).__name__}"
-    )
+        if callable(getattr(target, attr, None)):
+            fn = getattr(target, attr)
+            break
+    if fn is None and callable(target):
+        fn = target
+    if fn is None:
+        raise TypeError(
+            "target must be a Target (log_prob_unnormalized), a distribution (log_prob) or a "
+            f"callable z -> log p~(z), got {type(target).__name__}"
+        )
+
+    def log_p(z: torch.Tensor) -> torch.Tensor:
+        lp = fn(z)
+        if not isinstance(lp, torch.Tensor) or lp.shape != z.shape[:-1]:
+            got = tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
+            raise ValueError(
+                f"target: the log density of points of shape {tuple(z.shape)} must have shape "
+                f"{tuple(z.shape[:-1])} (one value per point, summed over the last dimension "
+                f"only; a distribution needs .to_event(1)), got {got}"
+            )
+        return lp
+
+    return log_p
 
 
 class Target:

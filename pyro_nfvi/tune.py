@@ -586,7 +586,9 @@ class _Affine(TransformModule):
     bijective = True
 
     def __init__(self, dim: int, scale: float = 1.0) -> None:
-        super().__init__(cache_size=1)
+        # no cache: torch's is keyed on tensor identity and would answer with values from
+        # before an optimiser step; the inverse is two cheap operations
+        super().__init__(cache_size=0)
         self.loc = torch.nn.Parameter(torch.zeros(dim))
         self.log_scale = torch.nn.Parameter(torch.full((dim,), math.log(scale)))
 

@@ -7,6 +7,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
+from pyro_nfvi._validation import ArgumentError
 from pyro_nfvi import helpers
 from pyro_nfvi.infer import fit_density
 from pyro_nfvi.targets import get_target
@@ -137,6 +138,12 @@ def test_errors_name_the_argument():
         Hamiltonian(2, _potential, num_steps=0)
     with pytest.raises(TypeError, match="potential"):
         Hamiltonian(2, potential=3.0)
+    for kwargs, name in [(dict(step_size="0.1"), "step_size"), (dict(max_step_size=None), "max_step_size"),
+                         (dict(init_mass=torch.ones(3)), "init_mass"), (dict(init_mass="heavy"), "init_mass"),
+                         (dict(init_mass=-1.0), "init_mass"), (dict(init_beta0=1.0), "init_beta0"),
+                         (dict(max_force="big"), "max_force")]:
+        with pytest.raises(ArgumentError, match=name):
+            Hamiltonian(2, _potential, **kwargs)
     with pytest.raises(ValueError, match="x must have shape"):
         Hamiltonian(2, _potential)(torch.zeros(3, 3))
     # U does not depend on z: no gradient

@@ -161,6 +161,33 @@ def test_fit_density_validates():
         fit_density("planar", t, num_steps=5, progress=False)
 
 
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(beta0="0.1"), "beta0"), (dict(beta0=True), "beta0"), (dict(beta0=1.5), "beta0"),
+    (dict(anneal_steps="5"), "anneal_steps"), (dict(anneal_steps=2.5), "anneal_steps"),
+    (dict(anneal_steps=-1), "anneal_steps"), (dict(seed="x"), "seed"), (dict(seed=1.5), "seed"),
+    (dict(base="normal"), "base"), (dict(base=dist.Normal(torch.zeros(2), 1.0)), "base"),
+])
+def test_fit_density_names_a_bad_argument_before_fitting(kwargs, name):
+    from pyro_nfvi._validation import ArgumentError
+    calls = []
+    with pytest.raises(ArgumentError, match=name):
+        fit_density(_planar(2), lambda z: calls.append(1) or -z.square().sum(-1), num_steps=3,
+                    batch_size=8, progress=False, **kwargs)
+    assert calls == []  # nothing was fitted
+
+
+@pytest.mark.parametrize("target", [lambda z: -0.5 * z.square().sum(),  # summed over the batch
+                                    dist.Normal(torch.zeros(2), 1.0)])  # no .to_event(1)
+def test_fit_density_rejects_a_target_without_one_value_per_point(target):
+    """A target summed over the batch would fit p^batch_size (a standard deviation of 0.2
+    instead of 1 at batch 64); one without .to_event(1) a per-coordinate mess."""
+    flow = _planar(2)
+    before = [p.detach().clone() for p in flow.parameters()]
+    with pytest.raises(ValueError, match=r"one value per point.*got \(\)|one value per point.*got \(8, 2\)"):
+        fit_density(flow, target, num_steps=3, batch_size=8, progress=False)
+    assert all(torch.equal(a, p) for a, p in zip(before, flow.parameters()))  # no step taken
+
+
 def test_fit_density_raises_on_nan():
     from pyro.distributions.transforms import Planar
     with pytest.raises(FloatingPointError, match="step 0"):

@@ -12,6 +12,7 @@ import torch
 from pyro.infer import JitTrace_ELBO, Trace_ELBO, TraceMeanField_ELBO
 
 from pyro_nfvi.infer import fit
+from _helpers import randomize_
 
 
 # --- item 1: fit() checks loss and gradients before the optimiser step ---------------------
@@ -351,6 +352,80 @@ def test_caches_follow_in_place_changes_of_samples(kind):
     x2.add_(1.0)
     assert torch.allclose(flow(x2), flow.call_and_ladj(x2.clone())[0])
     assert torch.allclose(flow.log_abs_det_jacobian(x2, y2), flow.call_and_ladj(x2.clone())[1])
+
+
+def _cache_probe_flows():
+    from pyro_nfvi import helpers
+
+    flows = {k: f() for k, f in _flow_factories().items()}
+    flows["sylvester"] = helpers.sylvester(2)
+    flows["stacked_sylvester"] = helpers.sylvester_flow(2, 3)
+    for f in flows.values():
+        randomize_(f.double(), 0.8, seed=1)
+    return flows
+
+
+def _log_prob_grads(flow, data):
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(2, dtype=data.dtype), 1.0).to_event(1), [flow])
+    params = list(flow.parameters())
+    return torch.autograd.grad(q.log_prob(data).sum(), params)
+
+
+@pytest.mark.parametrize("kind", list(_cache_probe_flows()))
+@pytest.mark.parametrize("first", ["no_grad", "backward"])
+def test_cached_inverse_of_data_keeps_gradients(kind, first):
+    """log_prob(data) twice at the same parameters (a validation pass under no_grad, then
+    a training step; or two backward passes) gives the gradients of fresh data: the
+    cache never hands out an inverse without a graph, or one whose graph a backward may
+    have freed."""
+    flow = _cache_probe_flows()[kind]
+    data = torch.randn(6, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 1.5
+    ref = _log_prob_grads(flow, data.clone())
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(2, dtype=data.dtype), 1.0).to_event(1), [flow])
+    if first == "no_grad":
+        with torch.no_grad():
+            q.log_prob(data)
+    else:
+        q.log_prob(data).sum().backward()
+    got = _log_prob_grads(flow, data)
+    assert all(torch.allclose(g, r, atol=1e-10) for g, r in zip(got, ref))
+    assert max(r.abs().max() for r in ref) > 1e-2  # the check has something to compare
+
+
+@pytest.mark.parametrize("kind", list(_cache_probe_flows()))
+def test_sample_without_grad_then_log_prob_with_grad(kind):
+    """q.sample() runs without a graph; a later log_prob of that sample with gradients on
+    (forward KL, score-function estimators) differentiates through the inverse, as for a
+    fresh copy of the sample (torch's identity cache would return the graph-less pair)."""
+    flow = _cache_probe_flows()[kind]
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1), [flow])
+    torch.manual_seed(0)
+    y = q.sample((6,))
+    got = _log_prob_grads(flow, y)  # first: the sample's pair is still the cached one
+    ref = _log_prob_grads(flow, y.clone())
+    assert all(torch.allclose(g, r, atol=1e-10) for g, r in zip(got, ref))
+
+
+@pytest.mark.parametrize("kind", list(_cache_probe_flows()))
+def test_cache_still_spares_the_inverse_where_it_is_safe(kind):
+    """rsample then log_prob (one graph), and a repeated log_prob without gradients, use
+    the cached pair: no inverse is computed."""
+    flow = _cache_probe_flows()[kind]
+    calls = []
+    inverse = flow._inverse
+    flow._inverse = lambda y: calls.append(1) or inverse(y)
+    if hasattr(flow, "inverse_and_ladj"):
+        inverse_and_ladj = flow.inverse_and_ladj
+        flow.inverse_and_ladj = lambda y: calls.append(1) or inverse_and_ladj(y)
+    q = dist.TransformedDistribution(dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1), [flow])
+    y = q.rsample((4,))
+    q.log_prob(y).sum().backward()
+    assert calls == []
+    data = torch.randn(4, 2, dtype=torch.float64)
+    with torch.no_grad():
+        q.log_prob(data)
+        q.log_prob(data)
+    assert calls == [1]
 
 
 def test_context_batch_mismatch_is_a_value_error():

@@ -93,13 +93,15 @@ def _no_value_checks() -> bool:
 class _CacheEntry:
     """One ``x <-> y`` pair (and log|det J| when it came from a forward pass) with what
     makes it valid: the version counters of ``x`` and ``y`` (bumped by every in-place
-    change of a sample) and a copy of the parameters' values (``p.data.add_(...)`` and
-    ``p.data = ...`` bypass version counters, so only values tell)."""
+    change of a sample), a copy of the parameters' values (``p.data.add_(...)`` and
+    ``p.data = ...`` bypass version counters, so only values tell) and whether it was
+    computed with gradients on."""
 
-    __slots__ = ("x", "y", "ladj", "versions", "params", "symbolic", "forward", "key")
+    __slots__ = ("x", "y", "ladj", "versions", "params", "symbolic", "forward", "key", "graph")
 
     def __init__(self, x, y, ladj, params, forward: bool, key=None):
         self.x, self.y, self.ladj, self.forward, self.key = x, y, ladj, forward, key
+        self.graph = torch.is_grad_enabled()
         self.symbolic = _no_value_checks()
         if self.symbolic:
             self.versions, self.params = None, None
@@ -107,12 +109,19 @@ class _CacheEntry:
             self.versions = (tensor_version(x), tensor_version(y))
             self.params = tuple(p.detach().clone() for p in params)
 
-    def valid(self, params) -> bool:
+    def valid(self, params, inverting: bool = False) -> bool:
         if _no_value_checks():
             # inside one trace only pairs made by a forward pass of that trace are safe:
             # anything else would be baked into the trace as a constant
             return self.symbolic and self.forward
         if self.symbolic or self.versions != (tensor_version(self.x), tensor_version(self.y)):
+            return False
+        if torch.is_grad_enabled() and (not self.graph or (inverting and not self.forward)):
+            # a pair computed without gradients has no graph to give; and the graph of an
+            # inverse of data (log_prob(data) twice: a validation pass, then training, or
+            # two backward passes at the same parameters) may have been freed by a
+            # backward already. A drawn sample y = f(x) shares its graph with x, so that
+            # pair stays reusable (the one-pass rsample-then-log_prob)
             return False
         params = tuple(params)
         return len(params) == len(self.params) and all(
@@ -175,13 +184,13 @@ class LadjCacheMixin(Transform):
         here; a Hamiltonian flow's potential)."""
         return None
 
-    def _lookup(self, x=None, y=None) -> Optional[_CacheEntry]:
+    def _lookup(self, x=None, y=None, inverting: bool = False) -> Optional[_CacheEntry]:
         e = self._nfvi_cache
         if e is None or (x is not None and e.x is not x) or (y is not None and e.y is not y):
             return None
         if e.key is not self._cache_key():
             return None
-        return e if e.valid(self._param_tensors()) else None
+        return e if e.valid(self._param_tensors(), inverting) else None
 
     def _store(self, x, y, ladj, forward: bool) -> None:
         if self._cache_size:
@@ -201,7 +210,7 @@ class LadjCacheMixin(Transform):
         return y
 
     def _inv_call(self, y: torch.Tensor) -> torch.Tensor:
-        e = self._lookup(y=y) if self._cache_size else None
+        e = self._lookup(y=y, inverting=True) if self._cache_size else None
         if e is not None:
             return e.x
         y_in = as_real_input(y, "y", self._float_dtype())

@@ -65,6 +65,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torch.distributions import constraints
 
+from .._validation import ArgumentError, check_positive
 from ._base import LadjCacheMixin, as_real_input, check_event, check_input_dim
 
 __all__ = ["Hamiltonian", "PhaseSpaceLift", "PhaseSpaceTarget"]
@@ -173,17 +174,21 @@ class Hamiltonian(LadjCacheMixin, TransformModule):
         K = self.num_steps = check_input_dim(num_steps, "num_steps")
         if potential is not None and not callable(potential):
             raise TypeError(f"potential must be a callable z -> U(z), got {type(potential).__name__}")
-        if not 0.0 < max_step_size < math.inf:
-            raise ValueError(f"max_step_size must be positive and finite, got {max_step_size}")
-        if not 0.0 < step_size < max_step_size:
-            raise ValueError(f"step_size must be in (0, max_step_size={max_step_size}), got {step_size}")
-        if not 0.0 < init_beta0 < 1.0:
-            raise ValueError(f"init_beta0 must be in (0, 1), got {init_beta0}")
-        mass = torch.as_tensor(init_mass, dtype=torch.get_default_dtype()).expand(D).clone()
-        if not bool((mass > 0).all() and torch.isfinite(mass).all()):
-            raise ValueError("init_mass must be positive and finite")
-        if max_force is not None and not 0.0 < max_force < math.inf:
-            raise ValueError(f"max_force must be None or positive and finite, got {max_force}")
+        max_step_size = check_positive(max_step_size, "max_step_size")
+        if check_positive(step_size, "step_size") >= max_step_size:
+            raise ArgumentError(f"step_size must be in (0, max_step_size={max_step_size}), got {step_size!r}")
+        if check_positive(init_beta0, "init_beta0") >= 1.0:
+            raise ArgumentError(f"init_beta0 must be in (0, 1), got {init_beta0!r}")
+        try:
+            mass = torch.as_tensor(init_mass, dtype=torch.get_default_dtype()).expand(D).clone()
+        except (TypeError, ValueError, RuntimeError):
+            mass = None
+        if mass is None or not bool((mass > 0).all() and torch.isfinite(mass).all()):
+            raise ArgumentError(
+                f"init_mass must be a positive finite number or {D} of them (input_dim), got {init_mass!r}"
+            )
+        if max_force is not None:
+            max_force = check_positive(max_force, "max_force")
         self.potential = potential
         self.max_force = None if max_force is None else float(max_force)
         self.max_step_size = float(max_step_size)
