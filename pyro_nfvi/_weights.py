@@ -19,6 +19,8 @@ from pyro.infer.util import plate_log_prob_sum
 from pyro.poutine import Trace
 from pyro.poutine.util import prune_subsample_sites, site_is_subsample
 
+from ._rng import fork_rng
+
 
 def plate_nesting(*traces) -> int:
     """The number of batch dims the vectorised plates of these traces use (``-dim`` of the
@@ -139,9 +141,9 @@ def vectorization_problem(model, guide, args, kwargs, max_plate_nesting: int) ->
     ``None``: two particles drawn in one vectorised pass are re-scored one at a time
     (:func:`_check_vectorized`). Models that fail outright under the particle plate, or
     whose reference run fails, are not judged here (``None``): their errors surface where
-    they run. Runs under ``torch.random.fork_rng``, without gradients: the caller's random
+    they run. Runs on forked random streams, without gradients: the caller's random
     stream and parameters are left as they were."""
-    with torch.random.fork_rng(devices=[]), torch.no_grad(), poutine.block():
+    with fork_rng(), torch.no_grad(), poutine.block():
         torch.manual_seed(_CHECK_SEED)  # its own draws, not a preview of the caller's next
         try:
             latents, _, subsample = _reference(model, guide, args, kwargs)

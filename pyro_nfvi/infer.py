@@ -48,6 +48,7 @@ from pyro.infer.util import zero_grads
 from torch.distributions import Transform
 from torch.distributions.transforms import AffineTransform
 
+from ._rng import fork_rng
 from ._validation import ArgumentError, check_int, check_positive
 from .diagnostics import plate_nesting
 from ._weights import vectorization_problem
@@ -82,7 +83,7 @@ def default_optim(num_steps: int, lr: float = DEFAULT_LR, lr_end: float = DEFAUL
 def _max_plate_nesting(model: Callable, args, kwargs) -> int:
     """How many plate dims the model uses (what ``Trace_ELBO`` would guess, without its
     log line): the particle plate of vectorised particles goes left of them."""
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():
         trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
     return plate_nesting(trace)
 

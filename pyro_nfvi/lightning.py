@@ -116,6 +116,7 @@ import numpy as np
 import torch
 
 from ._compat import import_lightning_pytorch
+from ._rng import fork_rng
 
 try:
     pl = import_lightning_pytorch()
@@ -261,7 +262,7 @@ class PyroLightningModule(pl.LightningModule):
         get a gradient. Raises ``ValueError`` naming the offending parameter. Returns the
         loss. Called by ``__init__`` when ``example_batch`` is given."""
         collector = _ParamCollector()
-        with torch.random.fork_rng():  # no effect on the caller's random stream
+        with fork_rng(range(torch.cuda.device_count())):  # no effect on the caller's random streams
             # the first call creates lazy parameters (a PyroParam may pass through a
             # temporary tensor on its creating call); the second is the one checked
             with torch.no_grad():

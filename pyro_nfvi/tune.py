@@ -75,6 +75,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
 
 from ._validation import ArgumentError, check_int
+from ._rng import fork_rng
 
 if TYPE_CHECKING:  # pragma: no cover
     import optuna
@@ -181,7 +182,7 @@ def validation_seed(seed: int, report: int) -> int:
 @contextlib.contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Run a block on its own torch stream; the caller's stream is restored after."""
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():
         torch.manual_seed(seed)
         yield
 
@@ -549,7 +550,7 @@ def tune(
         report_every=report_every, pruner=pruner, guide_kwargs=guide_kwargs, **kwargs))
     if pruner is None:
         pruner = _default_pruner(optuna, num_steps, report_every)
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():
         return _run_search(objective, "maximize", keep, rebuild, num_trials=num_trials,
                            timeout=timeout, seed=seed, storage=storage, study_name=study_name,
                            n_jobs=n_jobs, pruner=pruner, progress=progress, verbose=verbose,
@@ -709,7 +710,7 @@ def tune_density(
         dim=dim, **fit_kwargs))
     if pruner is None:
         pruner = _default_pruner(optuna, num_steps, report_every)
-    with torch.random.fork_rng(devices=[]):
+    with fork_rng():
         return _run_search(objective, "minimize", keep, rebuild, num_trials=num_trials,
                            timeout=timeout, seed=seed, storage=storage, study_name=study_name,
                            n_jobs=n_jobs, pruner=pruner, progress=progress, verbose=verbose,

@@ -285,3 +285,36 @@ def test_guide_site_log_densities_ignore_the_models_masks():
     with poutine.mask(mask=False):
         off = _guide_log_densities(guide)
     assert all(float(v) == 0.0 for v in off.values())
+
+
+@pytest.mark.parametrize("guide_cls", ["AutoPlanarFlow", "AutoHamiltonianFlow"])
+def test_summaries_leave_numpy_and_python_streams_alone(guide_cls):
+    """median() and quantiles() run the model (the hierarchical placement); a model whose
+    own code draws from NumPy's or Python's global stream must not see them move."""
+    import random
+
+    import numpy as np
+
+    import pyro_nfvi
+
+    def model(x):
+        jitter = np.random.normal(size=len(x)) * 0.0 + random.random() * 0.0
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        tau = pyro.sample("tau", dist.HalfNormal(2.0))
+        with pyro.plate("g", len(x)):
+            th = pyro.sample("th", dist.Normal(mu, tau))
+            pyro.sample("obs", dist.Normal(th, 1.0), obs=x + torch.as_tensor(jitter, dtype=x.dtype))
+
+    x = torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0])
+    pyro.clear_param_store()
+    guide = getattr(pyro_nfvi, guide_cls)(model)
+    guide(x)
+    np.random.seed(123)
+    random.seed(7)
+    expected = (np.random.rand(), random.random())
+    np.random.seed(123)
+    random.seed(7)
+    guide.median(x)
+    if hasattr(guide, "quantiles"):
+        guide.quantiles([0.1, 0.9], x)
+    assert (np.random.rand(), random.random()) == expected

@@ -11,6 +11,8 @@ import torch
 import pyro.poutine as poutine
 from pyro.infer.autoguide.utils import _product
 
+from .._rng import fork_rng
+
 from .placement import _Unconstrained
 
 #: initial scale where the curvature says nothing (AutoNormal's default)
@@ -47,7 +49,7 @@ def _log_joint_curvature(model: Callable, values: Dict[str, torch.Tensor], args,
     Normal / LogNormal sites. ``diag`` is ``None`` where the model is not twice
     differentiable there."""
     probe = _Unconstrained(values)
-    with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+    with torch.enable_grad(), fork_rng():
         trace = poutine.block(poutine.trace(probe(model)).get_trace)(*args, **kwargs)
         log_joint = trace.log_prob_sum()
         names = list(probe.leaves)
@@ -165,7 +167,7 @@ def tame_initial_scale(guide, model: Callable, args, kwargs) -> int:
     from .._weights import _draw  # the guide must be callable: after its setup
 
     halvings = 0
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with fork_rng(), torch.no_grad():
         torch.manual_seed(_TAME_SEED)
         for halvings in range(_TAME_MAX_HALVINGS + 1):
             try:

@@ -14,6 +14,7 @@ import pyro.poutine as poutine
 import torch
 from pyro.infer.autoguide import AutoGuide
 
+from .._rng import fork_rng
 from .._validation import check_int
 from ..diagnostics import plate_nesting
 from .summaries import _SEED
@@ -163,7 +164,7 @@ class AutoHamiltonianFlow(AutoGuide):
     def _setup_prototype(self, *args, **kwargs) -> None:
         self._check_model(args, kwargs)
         base = self.base
-        with poutine.block(), torch.random.fork_rng(devices=[]):
+        with poutine.block(), fork_rng():
             base(*args, **kwargs)  # the base's setup: prototype, parameters
         self.prototype_trace = base.prototype_trace
         self._prototype_frames = base._prototype_frames
@@ -188,7 +189,7 @@ class AutoHamiltonianFlow(AutoGuide):
 
     def _check_model(self, args, kwargs) -> None:
         """Discrete latents (enumerated or not) have no gradient: refuse them by name."""
-        with poutine.block(), torch.random.fork_rng(devices=[]), torch.no_grad():
+        with poutine.block(), fork_rng(), torch.no_grad():
             trace = poutine.trace(self.model).get_trace(*args, **kwargs)
         for name, site in trace.iter_stochastic_nodes():
             if getattr(getattr(site["fn"], "support", None), "is_discrete", False):
@@ -252,7 +253,7 @@ class AutoHamiltonianFlow(AutoGuide):
         a fixed seed on a forked stream: the same medians each call, and the user's
         random stream left as it was, as the other guides' :meth:`median`)."""
         num_samples = check_int(num_samples, "num_samples", 2)
-        with torch.random.fork_rng(devices=[]):
+        with fork_rng():
             torch.manual_seed(_SEED)
             if self.prototype_trace is None:
                 with self._pyro_context:  # as in a call: the param store's values are used

@@ -57,6 +57,7 @@ from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.utils import _product
 from pyro.poutine.plate_messenger import block_plate
 
+from .._rng import fork_rng
 from ..transforms._base import LadjCacheMixin
 from .placement import (_loc_scale, _loc_scale_tril, _PlaceLatents, _run_latents,
                         _normal_placement, _UnplaceLatents, mvn_placement)
@@ -262,7 +263,7 @@ def _arguments_in_placement(guide, args: tuple, kwargs: dict
         centering = guide._centerings()
     placer = _PlaceLatents(xs, centering, fns, densities=False)
     try:
-        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+        with torch.enable_grad(), fork_rng():
             _run_latents(placer, guide.model, tuple(new_args), new_kwargs)
     except Exception as e:  # noqa: BLE001 -- e.g. an in-place change of an argument
         return None, f"{type(e).__name__}: {e}"

@@ -13,6 +13,8 @@ import pyro.poutine as poutine
 from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.utils import helpful_support_errors
 
+from .._rng import fork_rng
+
 
 def _hide_from_prototype(msg) -> bool:
     # Like Pyro's prototype_hide_fn, but also hide discrete sites that the user
@@ -80,7 +82,7 @@ def check_latent_shapes(model: Callable, hide_fn: Callable, prototype_trace, gui
     ``observed`` (observed at setup) may now be latent: the model samples them, as under
     Pyro's guides (``Predictive`` with the data left out)."""
     model = poutine.block(model, hide_fn)
-    with torch.random.fork_rng(devices=[]):  # leave the user's random stream alone
+    with fork_rng():  # leave the user's random stream alone
         trace = poutine.block(poutine.trace(model).get_trace)(*args, **kwargs)
     for name, site in trace.iter_stochastic_nodes():
         if name in observed and name not in prototype_trace.nodes:

@@ -10,6 +10,8 @@ import torch
 import pyro
 import pyro.poutine as poutine
 
+from .._rng import fork_rng
+
 
 #: the fixed seed of the summaries' draws: the same guide gives the same summaries
 _SEED = 20211
@@ -42,7 +44,7 @@ def constrained_samples(guide, num_samples: int, args, kwargs) -> Dict[str, torc
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 2:
         raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
     devices = [guide.loc.device] if getattr(guide, "loc", torch.empty(0)).is_cuda else []
-    with torch.random.fork_rng(devices=devices):
+    with fork_rng(devices):
         torch.manual_seed(_SEED)
         if guide.prototype_trace is None:
             guide._check_setup(*args, **kwargs)
