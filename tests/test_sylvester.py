@@ -568,3 +568,22 @@ def test_bench_sylvester_quick_runs(capsys):
     for kind in ("orthogonal", "householder", "triangular"):
         assert kind in out
     assert "pyro/ours" in out and "nan" not in out
+
+
+def test_auto_sylvester_flow_default_bottleneck_is_capped():
+    """The orthogonal kind's cost grows as K D M^2: the default M is min(D, 64); an
+    explicit bottleneck, and the kinds that need M = D, are left as asked."""
+    import pyro
+
+    from pyro_nfvi.guides import AutoSylvesterFlow
+    from pyro_nfvi.guides.families import DEFAULT_MAX_BOTTLENECK
+
+    def model(D):
+        pyro.sample("x", dist.Normal(0.0, 1.0).expand([D]).to_event(1))
+
+    for D, options, M in [(10, {}, 10), (100, {}, DEFAULT_MAX_BOTTLENECK), (100, dict(bottleneck=80), 80),
+                          (100, dict(kind="triangular"), 100)]:
+        pyro.clear_param_store()
+        guide = AutoSylvesterFlow(model, num_flows=2, init_scale=0.1, **options)
+        guide(D)
+        assert guide.transform.b.shape == (2, M), (D, options)

@@ -92,6 +92,11 @@ class AutoRadialFlow(AutoNormalizingFlow):
         self.num_flows = num_flows
 
 
+#: the largest default bottleneck of :class:`AutoSylvesterFlow` (orthogonal kind); the
+#: posterior suite's models (D <= 58) all run at M = D
+DEFAULT_MAX_BOTTLENECK = 64
+
+
 class AutoSylvesterFlow(AutoNormalizingFlow):
     r"""
     :class:`AutoNormalizingFlow` with ``num_flows`` Sylvester layers
@@ -111,7 +116,9 @@ class AutoSylvesterFlow(AutoNormalizingFlow):
 
     :param callable model: a Pyro model.
     :param int num_flows: number of Sylvester layers (>= 1). Default 16.
-    :param bottleneck: ``M`` (default: the latent dimension ``D``). ``M <= D`` for
+    :param bottleneck: ``M`` (default: ``D``, the latent dimension, for the other kinds;
+        ``min(D, 64)`` for ``kind="orthogonal"``, whose cost per step grows as
+        ``K D M^2``: at ``D = 1200`` and ``M = D`` one step took seconds). ``M <= D`` for
         ``kind="orthogonal"``, ``M = D`` for the other kinds; checked on the first call,
         where ``D`` is known (a ``ValueError`` naming both).
     :param str kind: ``"orthogonal"`` (default), ``"householder"`` or ``"triangular"``.
@@ -143,6 +150,8 @@ class AutoSylvesterFlow(AutoNormalizingFlow):
 
     @staticmethod
     def _stack(num_flows, bottleneck, kind, num_householder, latent_dim: int) -> Transform:
+        if bottleneck is None and kind == "orthogonal":
+            bottleneck = min(latent_dim, DEFAULT_MAX_BOTTLENECK)
         # checked here, at setup, where the latent dimension is first known
         if bottleneck is not None and kind == "orthogonal" and bottleneck > latent_dim:
             raise ValueError(

@@ -30,10 +30,11 @@ from pyro.infer.autoguide.utils import _product
 from pyro.nn.module import PyroParam
 
 from .._compat import autoguide_setup_prototype, split_init_messenger
+from .._rng import fork_rng
 from .affine import ScaledUnitLowerAffine
 from .curvature import _DEFAULT_INIT_SCALE, inspect_model, tame_initial_scale
 from .neutra import PlacedFlowTransform, _arguments_in_placement, placement_arguments
-from .placement import place_latents
+from .placement import _run_latents, _UnplaceLatents, place_latents
 from .posterior import _FlowPosterior, build_flow, elementary_parts
 from .stl import score_unavailable
 from .prototype import (SiteLayout, _arg_shapes, _hide_from_prototype, check_latent_shapes,
@@ -334,6 +335,8 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
         if restored:
             take_stored_module_params(self, "transform", self.transform)
         self._setup_hierarchical(args, kwargs, keep_scale=restored)
+        if self._hierarchical and not restored:
+            self._start_at_init_values(args, kwargs)
         self._arg_shapes = _arg_shapes(args, kwargs)
         # the model's arguments for get_transform(), which places the hierarchical sites
         # by running the prior (not pickled: only the data of the first call); whether the
@@ -360,6 +363,19 @@ class AutoNormalizingFlow(_GuideSummaries, _GuideSaving, AutoContinuous):
                 self.scale = scale
         if centering is not None:
             self.centering = PyroParam(centering, constraints.unit_interval)
+
+    def _start_at_init_values(self, args, kwargs) -> None:
+        """``loc`` holds ``init_loc_fn``'s unconstrained values, but a hierarchical site is
+        emitted at the placement of its coordinate: replace each such value by the
+        coordinate that places at it (one run of the model's prior at the initial values),
+        so that the guide starts at ``init_loc_fn``'s point."""
+        layout = SiteLayout.of(self)
+        with torch.no_grad(), fork_rng():
+            us = {name: u.clone() for name, u in layout.split(self.loc).items()}
+            unplacer = _UnplaceLatents(us, self._centerings(), layout.fns)
+            _run_latents(unplacer, self.model, args, kwargs)
+            xs = {name: unplacer.xs.get(name, u) for name, u in us.items()}
+            self.loc.copy_(torch.cat([xs[name].reshape(-1) for name, *_ in layout.sites]))
 
     def _centerings(self) -> Dict[str, Optional[torch.Tensor]]:
         """The centredness of each hierarchical site, shaped like its unconstrained value
