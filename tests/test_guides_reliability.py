@@ -181,11 +181,12 @@ def test_a_support_that_depends_on_a_latent_site_is_named_at_setup():
 
 def test_initial_scales_are_halved_where_draws_collapse_the_log_joint():
     # an exponential link fed a wide group scale times a placed site: at the prior median
-    # (sigma = 5) the curvature scales let a few draws reach exp(-h) ~ e^30
+    # (sigma = 25) the curvature scales let a few draws reach exp(-h) ~ e^30 (halvings
+    # 2-3 over the seeds of init_to_median's prior draws)
     y = 0.3 * torch.randn(40, generator=torch.Generator().manual_seed(0))
 
     def model(y):
-        sigma = pyro.sample("sigma", dist.HalfCauchy(5.0))
+        sigma = pyro.sample("sigma", dist.HalfCauchy(25.0))
         mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
         with pyro.plate("t", len(y)):
             h = pyro.sample("h", dist.Normal(mu, sigma))
@@ -350,3 +351,32 @@ def test_flow_guides_start_at_init_loc_fn_values_on_hierarchical_sites(centered)
         assert set(guide.hierarchical_sites) == {"th", "s", "v"}
         for name, value in init.items():
             assert torch.allclose(draw[name], value, atol=1e-3, rtol=1e-3), (cls.__name__, name, draw[name])
+
+
+def _structured_model():
+    w = pyro.sample("w", dist.Dirichlet(torch.ones(4)))
+    L = pyro.sample("L", dist.LKJCholesky(3, concentration=2.0))
+    s = pyro.sample("s", dist.LogNormal(torch.zeros(2), 1.0).to_event(1))
+    pyro.sample("obs", dist.Normal((w[:3] * torch.diagonal(L)).sum() + s.sum(), 1.0), obs=torch.tensor(0.3))
+
+
+def test_median_and_quantiles_of_structured_sites_are_points_of_their_supports():
+    """A simplex median sums to one and a correlation Cholesky median is one (usable as
+    init_to_value for MCMC); quantiles stay the marginal ones of each constrained
+    coordinate, and an elementwise site's median is its marginal median."""
+    from torch.distributions import constraints
+
+    pyro.clear_param_store()
+    guide = AutoPlanarFlow(_structured_model, init_scale=0.5)
+    guide()
+    med = guide.median()
+    assert torch.allclose(med["w"].sum(), torch.tensor(1.0), atol=1e-5) and (med["w"] > 0).all()
+    assert constraints.corr_cholesky.check(med["L"])
+    from pyro_nfvi.guides.summaries import constrained_samples
+    draws = constrained_samples(guide, 1000, (), {})
+    levels = torch.tensor([0.1, 0.5, 0.9])
+    q = guide.quantiles(levels)  # marginal quantiles of each constrained coordinate
+    for name in ("w", "L", "s"):
+        assert torch.allclose(q[name], torch.quantile(draws[name], levels, dim=0))
+    assert torch.equal(med["s"], q["s"][1])
+    assert not torch.allclose(q["w"][1].sum(), torch.tensor(1.0), atol=1e-5)  # why median differs

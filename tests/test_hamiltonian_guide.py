@@ -1,6 +1,8 @@
 """AutoHamiltonianFlow: K = 0 is its base guide; its ELBO is the auxiliary bound computed
 independently on a conjugate Gaussian model; it beats its base there; errors."""
 
+import copy
+import io
 import math
 
 import pyro
@@ -8,7 +10,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 from pyro import poutine
-from pyro.infer import Predictive, Trace_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, JitTraceMeanField_ELBO, Predictive, Trace_ELBO
 
 from _helpers import assert_checkpoint_restores
 from pyro_nfvi.diagnostics import evaluate_guide
@@ -276,3 +278,152 @@ def test_param_store_checkpoint_restores_the_guide(tmp_path, first):
     assert_checkpoint_restores(lambda m: AutoHamiltonianFlow(m, num_steps=2), model, (x,),
                                lambda g: fit(model, g, x, num_steps=100, progress=False),
                                tmp_path / "store.pt", first)
+
+
+# ------------------------------------------------------------------ saving and copying
+def hierarchical_model(x):
+    """Top level: pickled by reference with the guide (hierarchical and constrained sites:
+    the base guide re-runs the model to place them, the potential is the log joint)."""
+    mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+    tau = pyro.sample("tau", dist.HalfNormal(2.0))
+    with pyro.plate("g", len(x)):
+        th = pyro.sample("th", dist.Normal(mu, tau))
+        pyro.sample("obs", dist.Normal(th, 1.0), obs=x)
+
+
+X_SAVE = torch.tensor([1.0, 2.0, -1.0, 0.5])
+
+
+def _trained_guide(steps=3):
+    guide = AutoHamiltonianFlow(hierarchical_model, num_steps=2,
+                                base=AutoPlanarFlow(hierarchical_model, num_flows=2))
+    svi = SVI(hierarchical_model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
+    for _ in range(steps):
+        svi.step(X_SAVE)
+    return guide, svi
+
+
+def _assert_same_guide(guide, other):
+    """Same medians, and the same draws from the same seed; the inner base guide is the
+    copy's own, a whole guide again (not a part of a master, which has no plates)."""
+    assert other.base is not guide.base and other.hamiltonian is not guide.hamiltonian
+    assert other.base.master is None
+    expected, got = guide.median(X_SAVE, num_samples=50), other.median(X_SAVE, num_samples=50)
+    assert set(got) == set(expected) == {"mu", "tau", "th"}
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+    draws = []
+    for g in (guide, other):
+        pyro.set_rng_seed(11)
+        draws.append(g(X_SAVE))
+    for name in draws[0]:
+        assert torch.equal(draws[0][name], draws[1][name]), name
+
+
+def _keeps_training(guide, svi=None):
+    svi = svi or SVI(hierarchical_model, guide, pyro.optim.Adam({"lr": 0.02}), Trace_ELBO())
+    before = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    for _ in range(2):
+        assert math.isfinite(svi.step(X_SAVE))
+    after = guide.state_dict()
+    moved = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any(k.startswith("hamiltonian.") for k in moved), moved
+    assert any(k.startswith("base.") for k in moved), moved
+
+
+def test_deepcopy_keeps_the_original_and_the_copy_working():
+    """copy.deepcopy used to drop the model from the live guide (Pyro's
+    AutoGuide.__getstate__): the original's next svi.step and the copy's median() raised
+    TypeError 'NoneType' object is not subscriptable."""
+    guide, svi = _trained_guide()
+    dup = copy.deepcopy(guide)
+    assert dup.model is hierarchical_model and guide.model is hierarchical_model
+    _assert_same_guide(guide, dup)
+    _keeps_training(guide, svi)  # the original, with its SVI
+    pyro.clear_param_store()  # the copy, in a fresh session
+    _keeps_training(dup)
+
+
+def test_torch_save_and_load_round_trip():
+    """torch.save used to break the live guide as deepcopy did, and the loaded guide raised
+    AttributeError 'plates' (its base guide made a part of it on loading)."""
+    guide, svi = _trained_guide()
+    f = io.BytesIO()
+    torch.save(guide, f)
+    f.seek(0)
+    loaded = torch.load(f, weights_only=False)
+    _assert_same_guide(guide, loaded)
+    _keeps_training(guide, svi)  # the original keeps training after being saved
+    pyro.clear_param_store()  # a fresh session: the loaded guide's own parameters
+    out = Predictive(hierarchical_model, guide=loaded, num_samples=3)(X_SAVE)
+    assert out["obs"].shape == (3, len(X_SAVE))
+    _keeps_training(loaded)
+
+
+def test_loaded_guide_without_its_model_says_how_to_reattach_it():
+    def model(x):  # a closure: pickle cannot keep it by reference
+        hierarchical_model(x)
+
+    guide = AutoHamiltonianFlow(model, num_steps=1)
+    guide(X_SAVE)
+    f = io.BytesIO()
+    torch.save(guide, f)
+    f.seek(0)
+    loaded = torch.load(f, weights_only=False)
+    guide(X_SAVE)  # the live guide keeps its model
+    with pytest.raises(RuntimeError, match=r"guide\.model = model"):
+        loaded(X_SAVE)
+    loaded.model = model  # re-attached to the guide and its base guide
+    assert set(loaded(X_SAVE)) == {"mu", "tau", "th"}
+
+
+# ------------------------------------------------------------------------------- JIT
+def _constrained_model(x):
+    sig = pyro.sample("sig", dist.LogNormal(0.0, 1.0))
+    with pyro.plate("d", x.shape[0]):
+        pyro.sample("obs", dist.Normal(0.0, sig), obs=x)
+
+
+@pytest.mark.parametrize("jit_elbo", [JitTrace_ELBO, JitTraceMeanField_ELBO])
+def test_jit_elbo_with_a_constrained_site_raises_a_clear_error(jit_elbo):
+    """torch.jit's tracer cannot record the backward pass of exp (the LogNormal site's
+    support bijection) that the leapfrog gradient runs inside the trace: the first step
+    used to raise torch's "Cannot insert a Tensor that requires grad as a constant"."""
+    x = torch.tensor([1.0, 2.0, 0.0, 1.5, 0.7])
+    guide = AutoHamiltonianFlow(_constrained_model, num_steps=2)
+    svi = SVI(_constrained_model, guide, pyro.optim.Adam({"lr": 0.01}),
+              jit_elbo(ignore_jit_warnings=True))
+    with pytest.raises(RuntimeError, match=r"AutoHamiltonianFlow cannot be traced by torch\.jit"
+                                           r"(.|\n)*Use Trace_ELBO"):
+        svi.step(x)
+    # the guide is left usable with Trace_ELBO
+    svi = SVI(_constrained_model, guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    assert math.isfinite(svi.step(x))
+
+
+def test_jit_elbo_with_unconstrained_sites_matches_trace_elbo():
+    """Where the tracer can record the leapfrog gradients (unconstrained sites), the JIT
+    loss and gradients are Trace_ELBO's, draw for draw."""
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
+        nu = pyro.sample("nu", dist.Normal(0.0, 5.0))
+        with pyro.plate("d", x.shape[0]):
+            pyro.sample("obs", dist.Normal(mu + nu * x, 1.0), obs=x)
+
+    x = torch.tensor([1.0, 2.0, 0.0, 1.5, 0.7])
+    guide = AutoHamiltonianFlow(model, num_steps=2, base=AutoPlanarFlow(model, num_flows=1))
+    guide(x)
+    params = list(guide.parameters())
+    jit = JitTrace_ELBO(ignore_jit_warnings=True)
+    jit.loss_and_grads(model, guide, x)  # traces
+    results = []
+    for elbo in (jit, Trace_ELBO()):
+        for p in params:
+            p.grad = None
+        pyro.set_rng_seed(3)
+        loss = elbo.loss_and_grads(model, guide, x)
+        results.append((loss, [p.grad.clone() for p in params]))
+    (loss_jit, grads_jit), (loss, grads) = results
+    assert abs(loss_jit - loss) < 1e-4 * max(1.0, abs(loss))
+    for a, b in zip(grads_jit, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

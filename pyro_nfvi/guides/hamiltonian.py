@@ -20,12 +20,25 @@ from ..diagnostics import plate_nesting
 from .summaries import _SEED
 from .families import AutoPlanarFlow
 from .flow import AutoNormalizingFlow
-from .saving import take_stored_module_params
+from .saving import _GuideSaving, take_stored_module_params
 from ..transforms.hamiltonian import Hamiltonian
 
 
+#: what torch.jit's tracer says when a backward pass run inside the trace reads a tensor
+#: the trace has no value for
+_TRACER_CONSTANT = "Cannot insert a Tensor that requires grad as a constant"
+_JIT_MESSAGE = (
+    "AutoHamiltonianFlow cannot be traced by torch.jit (JitTrace_ELBO, "
+    "JitTraceMeanField_ELBO, ...) for this model: each leapfrog step takes the gradient of "
+    "the model's log joint with torch.autograd.grad inside the trace, and PyTorch's tracer "
+    "cannot record the backward pass of operations that save their output (exp, sigmoid, "
+    "tanh, ...: the support bijections of constrained sites such as LogNormal, HalfNormal, "
+    "HalfCauchy, Gamma or Beta, or such operations in the model). Use Trace_ELBO (or "
+    "TraceMeanField_ELBO) with this guide."
+)
 
-class AutoHamiltonianFlow(AutoGuide):
+
+class AutoHamiltonianFlow(_GuideSaving, AutoGuide):
     r"""
     A base flow guide followed by ``num_steps`` learnable leapfrog/tempering steps under
     the model's log joint: Hamiltonian variational inference with the auxiliary-variable
@@ -84,6 +97,22 @@ class AutoHamiltonianFlow(AutoGuide):
 
     Each step costs one gradient of the model's log joint (``K + 1`` per draw, with
     ``create_graph=True`` while training: a second-order backward pass).
+
+    JIT: unlike the other guides of this package, this guide works with
+    :class:`~pyro.infer.JitTrace_ELBO` only for models whose log joint (in the base guide's
+    unconstrained coordinates) uses no operation whose backward pass reads its own output
+    (``exp``, ``sigmoid``, ``tanh``, ...), in practice models whose latent sites are all
+    unconstrained (e.g. ``Normal``): the leapfrog gradients are taken with
+    ``torch.autograd.grad`` inside the trace, and PyTorch's tracer cannot record those
+    backward passes. With a constrained latent site (``LogNormal``, ``HalfNormal``,
+    ``HalfCauchy``, ``Gamma``, ``Beta``, ...) the first step under a JIT ELBO raises a
+    ``RuntimeError`` that says so: use :class:`~pyro.infer.Trace_ELBO` (or
+    ``TraceMeanField_ELBO``).
+
+    Saving: ``copy.deepcopy``, ``torch.save``/``torch.load`` and ``pickle`` keep the live
+    guide working and give a copy that runs, trains and draws as the original (the model
+    is kept by reference, as in :class:`~pyro_nfvi.guides.saving._GuideSaving`; re-attach
+    it with ``guide.model = model`` if the loaded guide says it lost it).
 
     Example::
 
@@ -160,6 +189,31 @@ class AutoHamiltonianFlow(AutoGuide):
         self._init_mass = init_mass
         self.hamiltonian: Optional[Hamiltonian] = None
 
+    # ------------------------------------------------------------- saving
+    # _GuideSaving keeps the model on the live guide when it is pickled or deep-copied
+    # (Pyro's AutoGuide.__getstate__ drops it, but this guide re-runs the model at every
+    # call: its potential is the model's log joint) and pickles it by reference
+    @property
+    def model(self) -> Callable:
+        """The model this guide is for. Assign to re-attach it to a loaded guide (the base
+        guide gets it too)."""
+        return _GuideSaving.model.fget(self)
+
+    @model.setter
+    def model(self, model: Callable) -> None:
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        self._model = (model,)  # unwrapped, as AutoGuide.__init__ keeps it
+        self.__dict__.pop("_nfvi_model_lost", None)
+        self.base.model = model  # wrapped there with the base's init_loc_fn
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        # AutoGuide.__setstate__ makes every child guide a part of this one (as in
+        # AutoGuideList), whose plates it would then look up here: the base guide is a
+        # whole guide run inside ours, with its own plates (as in __init__)
+        self.base._update_master(None)
+
     # ------------------------------------------------------------------ setup
     def _setup_prototype(self, *args, **kwargs) -> None:
         self._check_model(args, kwargs)
@@ -232,8 +286,13 @@ class AutoHamiltonianFlow(AutoGuide):
             w0 = pyro.sample(f"_{self._pyro_name}_momentum0", h.momentum_dist(),
                              infer={"is_auxiliary": True})
             h.potential = functools.partial(self._potential, args, kwargs)
+            tracing = torch.jit.is_tracing()  # (the failing tracer is gone in the handler)
             try:
                 y, ladj = h.call_and_ladj(torch.cat([x, w0.expand(x.shape)], -1))
+            except RuntimeError as e:
+                if tracing and _TRACER_CONSTANT in str(e):
+                    raise RuntimeError(_JIT_MESSAGE) from e
+                raise
             finally:
                 h.potential = None  # holds the model's arguments: do not keep them
             D = h.input_dim

@@ -6,6 +6,8 @@ from __future__ import annotations
 from typing import Dict, Sequence, Union
 
 import torch
+from torch.distributions import biject_to
+from torch.distributions.transforms import IndependentTransform
 
 import pyro
 import pyro.poutine as poutine
@@ -69,18 +71,35 @@ def constrained_samples(guide, num_samples: int, args, kwargs) -> Dict[str, torc
 
 @torch.no_grad()
 def sample_quantiles(
-    guide, quantiles: Union[Sequence[float], torch.Tensor], num_samples: int, args, kwargs
+    guide, quantiles: Union[Sequence[float], torch.Tensor], num_samples: int, args, kwargs,
+    in_support: bool = False,
 ) -> Dict[str, torch.Tensor]:
     """Per-coordinate quantiles of :func:`constrained_samples` (see
-    :meth:`~pyro_nfvi.guides.AutoNormalizingFlow.quantiles`)."""
+    :meth:`~pyro_nfvi.guides.AutoNormalizingFlow.quantiles`); with ``in_support``, those
+    of a site whose support bijection is not elementwise are taken in unconstrained space
+    and mapped, which gives a point of the support (see ``median``)."""
     samples = constrained_samples(guide, num_samples, args, kwargs)
     qs = torch.as_tensor(quantiles, dtype=guide.loc.dtype, device=guide.loc.device)
     if qs.dim() != 1 or ((qs < 0) | (qs > 1)).any():
         raise ValueError(f"quantiles must be a 1-D sequence in [0, 1], got {quantiles!r}")
-    return {
-        name: torch.quantile(value.to(qs.dtype), qs, dim=0).to(value.dtype)
-        for name, value in samples.items()
-    }
+    result = {}
+    for name, value in samples.items():
+        t = biject_to(guide.prototype_trace.nodes[name]["fn"].support)
+        if not in_support or _elementwise(t):
+            result[name] = torch.quantile(value.to(qs.dtype), qs, dim=0).to(value.dtype)
+        else:  # in unconstrained space, then mapped: a point of the support, as Pyro's
+            u = t.inv(value)
+            result[name] = t(torch.quantile(u.to(qs.dtype), qs, dim=0).to(u.dtype))
+    return result
+
+
+def _elementwise(t) -> bool:
+    """Whether the support bijection ``t`` acts on each coordinate alone (then it is
+    monotone, and per-coordinate quantiles of the constrained draws are the mapped
+    quantiles of the unconstrained ones)."""
+    while isinstance(t, IndependentTransform):
+        t = t.base_transform
+    return t.codomain.event_dim == 0
 
 
 class _GuideSummaries:
@@ -108,13 +127,13 @@ class _GuideSummaries:
         error is a fixed offset, not noise: raise ``num_samples`` to
         shrink it. With ``base="studentt"`` the base draws are pseudo-random from the same
         fixed seed (the error of independent draws above, still reproducible and leaving
-        the global streams untouched). Draws are mapped to
-        constrained space per site and quantiles are taken per coordinate. For
-        sites whose support transform is elementwise and monotone (real,
-        positive, interval, ...) this equals mapping unconstrained quantiles;
-        for non-elementwise supports (e.g. a simplex) these are per-coordinate
-        marginal quantiles, so e.g. the medians of a simplex site need not sum
-        to one.
+        the global streams untouched). Quantiles are taken per coordinate of the
+        constrained draws: marginal quantiles, monotone in the level. For sites whose
+        support bijection acts on each coordinate alone (real, positive, interval, ...)
+        that equals mapping the unconstrained quantiles; for the others (a simplex, a
+        correlation Cholesky factor) the marginal quantiles together need not be a point
+        of the support (the medians of a simplex site need not sum to one): see
+        :meth:`median`, which is.
 
         :param quantiles: quantile levels in [0, 1], e.g. ``[0.05, 0.5, 0.95]``.
         :param int num_samples: number of Monte-Carlo draws (keyword only).
@@ -129,9 +148,13 @@ class _GuideSummaries:
         Marginal posterior median of each latent site, in constrained space.
 
         Estimated from ``num_samples`` fixed quasi-random draws (default 1000), see
-        :meth:`quantiles`.
+        :meth:`quantiles`. It is a point of each site's support, usable as
+        ``init_to_value(values=guide.median())`` for MCMC: a site whose support bijection
+        is not elementwise (a simplex, a correlation Cholesky factor) gets the mapped
+        median of its unconstrained draws, as in Pyro's autoguides; the others the
+        marginal median of :meth:`quantiles`.
 
         :return: dict from site name to a tensor of the site's shape.
         """
-        q = self.quantiles([0.5], *args, num_samples=num_samples, **kwargs)
+        q = sample_quantiles(self, [0.5], num_samples, args, kwargs, in_support=True)
         return {name: value[0] for name, value in q.items()}
