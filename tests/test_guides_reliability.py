@@ -380,3 +380,32 @@ def test_median_and_quantiles_of_structured_sites_are_points_of_their_supports()
         assert torch.allclose(q[name], torch.quantile(draws[name], levels, dim=0))
     assert torch.equal(med["s"], q["s"][1])
     assert not torch.allclose(q["w"][1].sum(), torch.tensor(1.0), atol=1e-5)  # why median differs
+
+
+def test_initial_centredness_stays_defined_where_the_curvature_overflows():
+    """A wide group scale (HalfCauchy(50)) with an exponential link: at some prototypes
+    the curvature of a placed coordinate overflows, and tau^2 I / (1 + tau^2 I) was
+    inf/inf = NaN, which made the first draw fail (6 of 12 seeds)."""
+    from pyro_nfvi.guides.curvature import init_from_curvature
+
+    y = 0.3 * torch.randn(40, generator=torch.Generator().manual_seed(0))
+
+    def model(y):
+        sigma = pyro.sample("sigma", dist.HalfCauchy(50.0))
+        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
+        with pyro.plate("t", len(y)):
+            h = pyro.sample("h", dist.Normal(mu, sigma))
+            pyro.sample("y", dist.Normal(0.0, (h / 2).exp()), obs=y)
+
+    for seed in (2, 3, 4, 7):
+        pyro.clear_param_store()
+        torch.manual_seed(seed)
+        guide = AutoPlanarFlow(model, num_flows=2)
+        guide(y)
+        assert torch.isfinite(guide.centering).all() and torch.isfinite(guide.scale).all()
+    # the formula itself: overflowing curvature -> centred, undefined -> non-centred
+    shape = torch.Size([3])
+    scale, c = init_from_curvature({"h": shape}, {"h": slice(0, 3)},
+                                   {"h": -torch.tensor([float("inf"), float("nan"), 4.0])},
+                                   {"h": torch.tensor(50.0)}, None, None, dict(dtype=torch.float32))
+    assert torch.allclose(c, torch.tensor([0.98, 0.02, 0.98])) and torch.isfinite(scale).all()

@@ -115,10 +115,14 @@ def init_from_curvature(
         if name in hierarchical:
             tau2 = prior_scales[name].expand(shape) ** 2
             info = torch.zeros(shape) if neg is None else (neg - 1 / tau2).clamp_min(0)
-            kappa = tau2 * info / (1 + tau2 * info)
+            ratio = tau2 * info
+            # written to stay in [0, 1] where the curvature overflows (an exponential link
+            # far from the data: tau^2 I = inf gives 1, not inf/inf); an undefined curvature
+            # (NaN) counts as no information: non-centred, the funnel-safe side
+            kappa = torch.where(torch.isnan(ratio), torch.zeros_like(ratio), 1 / (1 + 1 / ratio))
             c = (kappa * kappa).clamp(lo, hi) if centered is None else torch.full(shape, centered)
             centering.append(c.reshape(-1))
-            scale = tau2.sqrt() ** c / (1 + tau2 * info).sqrt()
+            scale = tau2.sqrt() ** c / (1 + ratio).sqrt()
         elif neg is None:
             scale = torch.full(shape, fallback)
         else:
