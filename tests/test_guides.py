@@ -520,6 +520,23 @@ def test_new_or_reshaped_latent_sites_still_raise():
     with pytest.raises(ValueError, match="'z' with shape"):
         guide(torch.zeros(4))
 
+    # data as a NumPy array or a list, a size as a NumPy integer: checked as tensors are
+    import numpy as np
+
+    def list_model(x):
+        plate_model(torch.as_tensor(np.asarray(x), dtype=torch.float32))
+
+    def size_model(n):
+        with pyro.plate("d", int(n)):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    for model, first, second in [(list_model, np.zeros(3), np.zeros(4)), (list_model, [0.0] * 3, [0.0] * 4),
+                                 (size_model, np.int64(3), np.int64(4))]:
+        guide = AutoPlanarFlow(model, num_flows=2)
+        guide(first)
+        with pytest.raises(ValueError, match="'z' with shape"):
+            guide(second)
+
 
 def test_mean_field_elbo_scores_the_guide_as_trace_elbo():
     # constrained and hierarchical sites: the guide's sites carry log-Jacobians, which

@@ -4,8 +4,10 @@ unconstrained shapes and plates, and the checks that the model still matches lat
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Callable, Dict, Tuple
 
+import numpy as np
 import torch
 from torch.distributions import biject_to
 
@@ -28,12 +30,15 @@ def _hide_from_prototype(msg) -> bool:
 
 
 def _arg_shapes(args, kwargs) -> tuple:
-    """What of the model's arguments can change the latent shapes: tensor shapes and ints."""
+    """What of the model's arguments can change the latent shapes: tensor and array shapes,
+    integers (Python or NumPy) and the lengths of lists and tuples."""
     def key(a):
-        if torch.is_tensor(a):
+        if torch.is_tensor(a) or isinstance(a, np.ndarray):
             return tuple(a.shape)
-        if isinstance(a, int) and not isinstance(a, bool):
-            return a
+        if isinstance(a, numbers.Integral) and not isinstance(a, bool):
+            return int(a)
+        if isinstance(a, (list, tuple)):
+            return ("len", len(a))
         return None
     return tuple(map(key, args)), tuple(sorted((k, key(v)) for k, v in kwargs.items()))
 
