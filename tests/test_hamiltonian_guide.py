@@ -427,3 +427,25 @@ def test_jit_elbo_with_unconstrained_sites_matches_trace_elbo():
     assert abs(loss_jit - loss) < 1e-4 * max(1.0, abs(loss))
     for a, b in zip(grads_jit, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_quantiles_and_median_of_the_hamiltonian_guide():
+    """quantiles() as the other flow guides' (marginal, monotone, reproducible); median()
+    a point of each support (a simplex median sums to one)."""
+    def model():
+        w = pyro.sample("w", dist.Dirichlet(torch.ones(3)))
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(w[..., 0] + s, 1.0), obs=torch.tensor(0.5))
+
+    pyro.clear_param_store()
+    guide = AutoHamiltonianFlow(model, num_steps=2)
+    guide()
+    state = torch.get_rng_state()
+    q = guide.quantiles([0.1, 0.5, 0.9], num_samples=200)
+    assert q["w"].shape == (3, 3) and q["s"].shape == (3,)
+    assert (q["s"][0] < q["s"][1]).all() and (q["s"][1] < q["s"][2]).all()
+    assert torch.equal(q["s"], guide.quantiles([0.1, 0.5, 0.9], num_samples=200)["s"])
+    med = guide.median(num_samples=200)
+    assert torch.allclose(med["w"].sum(), torch.tensor(1.0), atol=1e-5)
+    assert torch.allclose(med["s"], q["s"][1])
+    assert torch.equal(torch.get_rng_state(), state)

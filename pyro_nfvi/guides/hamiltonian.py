@@ -17,7 +17,7 @@ from pyro.infer.autoguide import AutoGuide
 from .._rng import fork_rng
 from .._validation import check_int
 from ..diagnostics import plate_nesting
-from .summaries import _SEED
+from .summaries import _SEED, quantiles_of_draws
 from .families import AutoPlanarFlow
 from .flow import AutoNormalizingFlow
 from .saving import _GuideSaving, take_stored_module_params
@@ -307,10 +307,26 @@ class AutoHamiltonianFlow(_GuideSaving, AutoGuide):
         return placed(*args, **kwargs)
 
     @torch.no_grad()
+    def quantiles(self, quantiles, *args, num_samples: int = 1000, **kwargs) -> Dict[str, torch.Tensor]:
+        """Marginal posterior quantiles of each latent site, in constrained space
+        (Monte-Carlo, ``num_samples`` draws of the guide from a fixed seed on forked random
+        streams: the same answer each call, and the user's streams left as they were; see
+        :meth:`AutoNormalizingFlow.quantiles <pyro_nfvi.guides.AutoNormalizingFlow.quantiles>`).
+
+        :return: dict from site name to a tensor of shape ``(len(quantiles),) + site_shape``.
+        """
+        return quantiles_of_draws(self._draws(num_samples, args, kwargs), self.prototype_trace, quantiles)
+
     def median(self, *args, num_samples: int = 1000, **kwargs) -> Dict[str, torch.Tensor]:
-        """Marginal posterior medians (Monte-Carlo, ``num_samples`` draws of the guide, from
-        a fixed seed on a forked stream: the same medians each call, and the user's
-        random stream left as it was, as the other guides' :meth:`median`)."""
+        """Marginal posterior medians, a point of each site's support (see
+        :meth:`AutoNormalizingFlow.median <pyro_nfvi.guides.AutoNormalizingFlow.median>`),
+        from the draws of :meth:`quantiles`."""
+        q = quantiles_of_draws(self._draws(num_samples, args, kwargs), self.prototype_trace, [0.5],
+                               in_support=True)
+        return {name: value[0] for name, value in q.items()}
+
+    def _draws(self, num_samples: int, args, kwargs) -> Dict[str, torch.Tensor]:
+        """``num_samples`` draws of every latent site, sample dimension first."""
         num_samples = check_int(num_samples, "num_samples", 2)
         with fork_rng():
             torch.manual_seed(_SEED)
@@ -325,6 +341,6 @@ class AutoHamiltonianFlow(_GuideSaving, AutoGuide):
             with poutine.block(), pyro.plate("_nfvi_draws", num_samples, dim=-nesting - 1):
                 values = self(*args, **kwargs)
         return {
-            name: value.reshape((num_samples,) + self.prototype_trace.nodes[name]["value"].shape).median(0)[0]
+            name: value.reshape((num_samples,) + self.prototype_trace.nodes[name]["value"].shape)
             for name, value in values.items()
         }

@@ -79,12 +79,21 @@ def sample_quantiles(
     of a site whose support bijection is not elementwise are taken in unconstrained space
     and mapped, which gives a point of the support (see ``median``)."""
     samples = constrained_samples(guide, num_samples, args, kwargs)
-    qs = torch.as_tensor(quantiles, dtype=guide.loc.dtype, device=guide.loc.device)
+    return quantiles_of_draws(samples, guide.prototype_trace, quantiles, in_support)
+
+
+def quantiles_of_draws(samples: Dict[str, torch.Tensor], prototype_trace,
+                       quantiles: Union[Sequence[float], torch.Tensor],
+                       in_support: bool = False) -> Dict[str, torch.Tensor]:
+    """Per-coordinate quantiles of draws ``samples`` (sample dimension first) of the latent
+    sites of ``prototype_trace``; with ``in_support`` see :func:`sample_quantiles`."""
+    like = next(iter(samples.values()))
+    qs = torch.as_tensor(quantiles, dtype=like.dtype, device=like.device)
     if qs.dim() != 1 or ((qs < 0) | (qs > 1)).any():
         raise ValueError(f"quantiles must be a 1-D sequence in [0, 1], got {quantiles!r}")
     result = {}
     for name, value in samples.items():
-        t = biject_to(guide.prototype_trace.nodes[name]["fn"].support)
+        t = biject_to(prototype_trace.nodes[name]["fn"].support)
         if not in_support or _elementwise(t):
             result[name] = torch.quantile(value.to(qs.dtype), qs, dim=0).to(value.dtype)
         else:  # in unconstrained space, then mapped: a point of the support, as Pyro's
