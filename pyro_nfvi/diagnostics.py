@@ -37,6 +37,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 from pyro.ops.stats import fit_generalized_pareto
 
+from ._rng import fork_rng
 from ._validation import check_int
 from ._weights import _draw, plate_nesting
 from .targets import log_density_fn
@@ -89,7 +90,9 @@ def psis_khat(log_w: torch.Tensor) -> float:
 
     k̂ < 0.5: good; 0.5–0.7: usable; > 0.7: poor (unreliable importance sampling).
     Returns ``inf`` (with a warning) when there are too few tail samples, and ``-inf``
-    when all weights are equal (spread of ``log_w`` below 1e-5: q = p up to a constant).
+    when all weights are equal (spread of ``log_w`` below 1e-5: q = p up to a constant)
+    or the largest is shared by more draws than the tail holds (bounded weights; Pyro's
+    ``psis_diagnostic`` returns ``inf`` there).
     """
     log_w = log_w.detach().double().reshape(-1)
     n = log_w.numel()
@@ -100,6 +103,8 @@ def psis_khat(log_w: torch.Tensor) -> float:
     cutoff_index = -int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n)))) - 1
     if -cutoff_index > n:
         cutoff_index = -n
+    if float(log_w[cutoff_index]) >= 0.0:  # the largest weight shared by more than the tail
+        return -float("inf")  # holds: bounded weights (an atom at the maximum)
     lw_cutoff = max(math.log(1.0e-15), float(log_w[cutoff_index]))
     tail = log_w[log_w > lw_cutoff]
     if tail.numel() < 10:
@@ -127,8 +132,14 @@ def _log_density_and_log_Z(target: Any, log_Z: Optional[float]) -> Tuple[Callabl
 
 @torch.no_grad()
 def _density_log_weights(
-    q: Any, log_p: Callable, num_samples: int, batch: int = 20000
+    q: Any, log_p: Callable, num_samples: int, seed: Optional[int] = None, batch: int = 20000
 ) -> torch.Tensor:
+    """``log p̃(z) - log q(z)`` of ``num_samples`` draws ``z ~ q`` (from ``seed`` on forked
+    streams if given)."""
+    if seed is not None:
+        with fork_rng():
+            torch.manual_seed(check_int(seed, "seed", minimum=0))
+            return _density_log_weights(q, log_p, num_samples, None, batch)
     out = []
     remaining = num_samples
     while remaining > 0:
@@ -157,6 +168,8 @@ def kl_divergence(
     :param target: a :class:`~pyro_nfvi.targets.Target` (or anything with
         ``log_prob_unnormalized`` and ``log_Z``), or a callable ``z -> log p̃(z)``
         together with ``log_Z``.
+    :param seed: draw from this seed on forked random streams (the caller's streams are
+        left as they were); ``None``: from the global stream.
     :returns: ``(kl, se)``.
 
     >>> import torch, pyro.distributions as dist
@@ -170,9 +183,7 @@ def kl_divergence(
     log_p, log_Z = _log_density_and_log_Z(target, log_Z)
     if log_Z is None:
         raise ValueError("kl_divergence needs log_Z (target.log_Z or the log_Z argument)")
-    if seed is not None:
-        torch.manual_seed(seed)
-    lw = _density_log_weights(q, log_p, num_samples)
+    lw = _density_log_weights(q, log_p, num_samples, seed)
     return float(log_Z - lw.mean()), float(lw.std() / math.sqrt(num_samples))
 
 
@@ -194,12 +205,12 @@ def evaluate_density(
     * ``ess``: effective sample size as a fraction of ``num_samples``;
     * ``k_hat``: PSIS tail index (< 0.5 good, > 0.7 bad);
     * ``num_samples``.
+
+    ``seed``: as in :func:`kl_divergence`.
     """
     num_samples = _check_num_samples(num_samples)
     log_p, log_Z = _log_density_and_log_Z(target, log_Z)
-    if seed is not None:
-        torch.manual_seed(seed)
-    lw = _density_log_weights(q, log_p, num_samples)
+    lw = _density_log_weights(q, log_p, num_samples, seed)
     elbo = float(lw.mean())
     elbo_se = float(lw.std() / math.sqrt(num_samples))
     lz, lz_se = log_mean_exp(lw)

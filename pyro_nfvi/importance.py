@@ -186,6 +186,10 @@ def _psis_smooth(lw: torch.Tensor) -> Tuple[torch.Tensor, float, str]:
     tail_len = int(math.ceil(min(0.2 * n, 3.0 * math.sqrt(n))))
     cut_index = max(n - tail_len - 1, 0)
     # the tail: draws above the (M+1)-th largest (and above 1e-15 of the largest weight)
+    if float(x[cut_index]) >= 0.0:
+        # the largest weight is shared by more draws than the tail holds: the weights
+        # are bounded (an atom at their maximum), nothing heavy-tailed to smooth
+        return lw.clone(), -float("inf"), ""
     log_cutoff = max(math.log(1e-15), float(x[cut_index]))
     num_tail = int((x > log_cutoff).sum())
     if num_tail < 10:
@@ -314,11 +318,9 @@ class WeightedPosterior:
             )
 
     def _verdict(self) -> str:
-        if self.khat <= 0.5:
-            return "good"
-        if self.reliable:
-            return "borderline"
-        return "unreliable"
+        if not self.reliable:  # above khat_threshold, which is below 0.5 for S < 100
+            return "unreliable"
+        return "good" if self.khat <= 0.5 else "borderline"
 
     def __repr__(self) -> str:
         return (

@@ -157,15 +157,20 @@ def fit(
                 value = _checked_svi_step(svi, step, num_steps, args, kwargs)
             except (ValueError, RuntimeError) as e:
                 if step == 0 and fallback is not None:
-                    # shape errors of a model that does not broadcast over particles
+                    # shape errors of a model that does not broadcast over particles: the
+                    # step again with sequential particles; if that fails too, the error
+                    # is the model's own (e.g. invalid data), not vectorisation's
+                    sequential = SVI(model, guide, optim, fallback)
+                    try:
+                        value = _checked_svi_step(sequential, step, num_steps, args, kwargs)
+                    except ValueError as e2:
+                        raise ValueError(f"SVI step {step} (of {num_steps}) failed: {e2}") from e2
                     warnings.warn(
                         f"the model does not run with vectorised particles ({e}); fit() "
                         f"uses {num_particles} sequential particles per step instead",
                         RuntimeWarning,
                     )
-                    svi = SVI(model, guide, optim, fallback)
-                    fallback = None
-                    value = _checked_svi_step(svi, step, num_steps, args, kwargs)
+                    svi, fallback = sequential, None
                 elif isinstance(e, ValueError):  # e.g. Pyro's argument validation
                     raise ValueError(f"SVI step {step} (of {num_steps}) failed: {e}") from e
                 else:

@@ -532,3 +532,37 @@ def test_package_exports_and_doctests():
     assert pyro_nfvi.WeightedPosterior is WeightedPosterior
     result = doctest.testmod(importance, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_weights_tied_at_their_maximum_are_bounded_not_degenerate():
+    """A third of the draws share the largest weight (a uniform proposal around a uniform
+    posterior: the rest are outside the support, log w = -inf): bounded weights, k̂ =
+    -inf, no warning (k̂ was inf with "only 0 weights within 1e-15 of the largest")."""
+    lw = torch.full((4000,), -math.inf, dtype=torch.float64)
+    lw[::3] = -1.0986
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        post = WeightedPosterior({"z": torch.zeros(4000)}, lw)
+    assert post.khat == -math.inf and post.reliable
+    finite = torch.zeros(400, dtype=torch.float64)
+    finite[::2] = -1.0  # half tie at the maximum, all finite
+    assert WeightedPosterior({"z": torch.zeros(400)}, finite).khat == -math.inf
+    assert psis_khat(finite) == -math.inf and psis_khat(lw) == -math.inf
+    # a heavy tail above the ties is still seen
+    heavy = torch.cat([finite, torch.tensor([5.0, 4.0, 3.5, 3.0, 2.8, 2.5, 2.2, 2.0, 1.8, 1.5] * 4,
+                                            dtype=torch.float64)])
+    assert psis_khat(heavy) > 0
+
+
+def test_summary_calls_a_khat_above_the_threshold_unreliable():
+    """With 50 draws the reliability threshold (0.41) is below 0.5: a k̂ between them is
+    unreliable in the summary and repr, as the warning says."""
+    assert importance.khat_threshold(50) < 0.5
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        lw = torch.randn(50, generator=gen, dtype=torch.float64) * 1.2
+        post = WeightedPosterior({"z": torch.zeros(50)}, lw, warn=False)
+        if post.khat_threshold < post.khat <= 0.5:
+            assert not post.reliable and "unreliable" in post.summary() and "(unreliable)" in repr(post)
+            return
+    pytest.fail("no draw with k-hat between the threshold and 0.5")

@@ -288,3 +288,35 @@ def test_fit_names_a_bad_argument(kw, name):
     model = lambda: pyro.sample("z", dist.Normal(0.0, 1.0))  # noqa: E731
     with pytest.raises(ValueError, match=name):
         fit(model, AutoNormal(model), num_steps=3, progress=False, **kw)
+
+
+def test_fit_reports_invalid_data_as_the_models_error_not_vectorisation():
+    """Invalid data fails the vectorised step 0 and the sequential retry alike: one error,
+    named as step 0's, and no warning that blames vectorised particles."""
+    import warnings
+
+    def model(x):
+        lam = pyro.sample("lam", dist.Gamma(2.0, 1.0))
+        with pyro.plate("d", len(x)):
+            pyro.sample("obs", dist.Poisson(lam), obs=x)
+
+    x = torch.tensor([1.0, -2.0, 3.0])  # not counts
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match="SVI step 0 .* failed.*obs"):
+            fit(model, AutoNormal(model), x, num_steps=5, progress=False)
+    assert not [w for w in caught if "vectorised" in str(w.message)]
+
+
+def test_density_diagnostics_with_a_seed_leave_the_callers_stream_alone():
+    from pyro_nfvi.diagnostics import evaluate_density
+
+    q = dist.Normal(torch.zeros(2), 1.0).to_event(1)
+    p = dist.Normal(torch.ones(2), 1.0).to_event(1)
+    for fn in (kl_divergence, evaluate_density):
+        torch.manual_seed(5)
+        expected = torch.rand(3)
+        torch.manual_seed(5)
+        first = fn(q, p, 500, seed=0)
+        assert torch.equal(torch.rand(3), expected)
+        assert fn(q, p, 500, seed=0) == first  # the seed still fixes the draws
