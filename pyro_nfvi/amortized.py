@@ -45,7 +45,8 @@ from pyro.distributions.util import sum_rightmost
 from pyro.infer.autoguide.guides import AutoGuide
 from pyro.infer.autoguide.utils import _product
 
-from ._validation import check_context, check_hidden_dims, check_int, check_positive
+from ._validation import ArgumentError, check_context, check_hidden_dims, check_int, check_positive
+from .guides.flow import _JacobianDelta
 from .guides.posterior import _FlowPosterior
 from .transforms.planar import ConditionedStackedPlanar
 from .transforms.radial import ConditionedStackedRadial
@@ -54,6 +55,28 @@ from .transforms.sylvester import ConditionedStackedSylvester, _unpack_triu
 __all__ = ["AmortizedFlow", "ConditionalFlowPosterior", "AutoAmortizedFlow"]
 
 _FLOWS = ("planar", "radial", "sylvester")
+
+
+def _softplus_inverse(s: float) -> float:
+    r""":math:`\log(e^s - 1)` written as :math:`s + \log(1 - e^{-s})`: no overflow for large
+    ``s`` (``math.expm1`` overflows past 709) and exact for tiny ``s`` (about ``log s``)."""
+    return s + math.log(-math.expm1(-s))
+
+
+def _scale_shift(init_scale: float) -> float:
+    r"""The shift :math:`\rho_0` of the scale output, or :class:`ArgumentError` when
+    ``softplus(rho_0)`` is not a normal finite number of the default dtype (a scale of 0
+    or inf would give an infinite or NaN ``log_prob``)."""
+    shift = _softplus_inverse(init_scale)
+    dtype = torch.get_default_dtype()
+    scale = F.softplus(torch.tensor(shift, dtype=dtype)).item()
+    finfo = torch.finfo(dtype)
+    if not finfo.tiny <= scale <= finfo.max:
+        raise ArgumentError(
+            f"init_scale must be between {finfo.tiny:.3g} and {finfo.max:.3g} (a normal "
+            f"number of the default dtype {dtype}), got {init_scale!r}"
+        )
+    return shift
 
 
 def _check_options(
@@ -66,6 +89,7 @@ def _check_options(
         raise ValueError(f"flow must be one of {_FLOWS}, got {flow!r}")
     hidden_dims = check_hidden_dims(hidden_dims)
     init_scale = check_positive(init_scale, "init_scale")
+    _scale_shift(init_scale)
     return num_flows, flow, hidden_dims, init_scale, check_positive(head_scale, "head_scale")
 
 
@@ -142,7 +166,9 @@ class AmortizedFlow(nn.Module):
     :param flow: ``"planar"`` (default), ``"radial"`` or ``"sylvester"``.
     :param hidden_dims: hidden layer sizes of the parameter network (default: none,
         a linear map of the context).
-    :param init_scale: the Gaussian scale when the network's scale output is zero.
+    :param init_scale: the Gaussian scale when the network's scale output is zero. Its
+        shift :math:`\rho_0` is stored in the state dict (as ``scale_shift``), so a saved
+        posterior reloads with the scale it was trained with.
     :param bool stl: sticking-the-landing gradients (Roeder, Wu & Duvenaud 2017): the
         ``log_prob`` of a sample drawn by ``rsample`` is exact but its gradient keeps only
         the path term, dropping the zero-mean score term whose variance grows with the
@@ -165,7 +191,9 @@ class AmortizedFlow(nn.Module):
         head_scale: float = 0.1,
     ) -> None:
         super().__init__()
-        self.stl = bool(stl)
+        if not isinstance(stl, bool):
+            raise ArgumentError(f"stl must be True or False, got {stl!r}")
+        self.stl = stl
         self.latent_dim = check_int(latent_dim, "latent_dim", 1)
         self.context_dim = check_int(context_dim, "context_dim", 1)
         self.num_flows, self.flow, hidden_dims, init_scale, head_scale = _check_options(
@@ -173,8 +201,8 @@ class AmortizedFlow(nn.Module):
         )
         # a buffer, not a float: the trained weights mean nothing without it
         self.register_buffer("head_scale", torch.tensor(head_scale))
-        self.init_scale = float(init_scale)
-        self._scale_shift = math.log(math.expm1(self.init_scale))
+        # a buffer too: the trained scale outputs are relative to this shift
+        self.register_buffer("scale_shift", torch.tensor(_scale_shift(init_scale)))
 
         D, K = self.latent_dim, self.num_flows
         if K == 0:
@@ -203,6 +231,18 @@ class AmortizedFlow(nn.Module):
             w0 = torch.randn(K, D, generator=gen)
             self.register_buffer("_w_offset", w0 / w0.norm(dim=-1, keepdim=True), persistent=False)
 
+    @property
+    def init_scale(self) -> float:
+        """The Gaussian scale at a zero scale output, ``softplus(scale_shift)`` (the loaded
+        one after ``load_state_dict``)."""
+        return F.softplus(self.scale_shift).item()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # checkpoints from before the shift was stored were trained with the shift of the
+        # init_scale the module is rebuilt with: keep them loadable with that one
+        state_dict.setdefault(prefix + "scale_shift", self.scale_shift.detach().clone())
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         return (
             f"latent_dim={self.latent_dim}, context_dim={self.context_dim}, "
@@ -218,7 +258,7 @@ class AmortizedFlow(nn.Module):
         check_context(context, self.context_dim)
         D, K = self.latent_dim, self.num_flows
         out = self.net(context)
-        loc, scale = out[..., :D], F.softplus(out[..., D : 2 * D] + self._scale_shift)
+        loc, scale = out[..., :D], F.softplus(out[..., D : 2 * D] + self.scale_shift)
         if K == 0:
             return loc, scale, ()
         # the flow block scaled once, then split per parameter
@@ -381,11 +421,9 @@ class AutoAmortizedFlow(AutoGuide):
             raise TypeError(f"data_fn must be callable (model args -> plate data), got {data_fn!r}")
         if global_guide is not None and not callable(global_guide):
             raise TypeError("global_guide must be a function model -> AutoGuide")
-        # Validate the posterior's options now, not on the first call. A throwaway
-        # AmortizedFlow rather than _check_options alone: its layer initialisation draws
-        # from the global random stream, and the seeded tests' outcomes depend on that
-        # stream (issue 15.4: replace once those tests no longer hinge on one seed).
-        AmortizedFlow(1, 1, num_flows, flow, hidden_dims, init_scale, head_scale=head_scale)
+        # validate the posterior's options now, not on the first call, without building
+        # one: its initialisation would draw from the user's random stream
+        _check_options(num_flows, flow, hidden_dims, init_scale, head_scale)
         super().__init__(model, create_plates=create_plates)
         self.plate_name = plate
         self.local_sites = local_sites
@@ -489,15 +527,28 @@ class AutoAmortizedFlow(AutoGuide):
                 f"value per row of plate '{self.plate_name}' (batch shape {expected}, "
                 "dims right of the plate in the event shape: use .to_event())"
             )
-        unconstrained = biject_to(fn.support).inv(site["value"])
-        return unconstrained.shape[unconstrained.dim() - fn.event_dim :]
+        # the bijection's domain event dim, not fn.event_dim: it may change rank
+        # (LKJCholesky: 3 unconstrained numbers -> a 3 x 3 factor)
+        transform = biject_to(fn.support)
+        unconstrained = transform.inv(site["value"])
+        return unconstrained.shape[unconstrained.dim() - transform.domain.event_dim :]
 
     def _build_posterior(self, dtype: torch.dtype, args, kwargs) -> None:
         """The amortized posterior, its head sized by the encoder's features of the
         plate's data."""
         data = self._plate_data(self._frame.size, None, args, kwargs)
-        with torch.no_grad():
-            features = self.encoder(data)
+        # in eval mode, as build_flow probes flows: the probe must not update running
+        # statistics (BatchNorm) on rows the model did not use; each module's own mode
+        # is restored after
+        modes = [(m, m.training) for m in self.encoder.modules()]
+        try:
+            self.encoder.train(False)
+            with torch.no_grad():
+                features = self.encoder(data)
+        finally:
+            self.encoder.train(modes[0][1])
+            for m, training in modes:  # submodules the user had put in another mode
+                m.training = training
         self._check_features(features, data)
         self.posterior = AmortizedFlow(
             self.local_dim, features.shape[-1], **self._posterior_kwargs
@@ -596,7 +647,9 @@ class AutoAmortizedFlow(AutoGuide):
                 event_dim = site["fn"].event_dim
                 log_density = transform.inv.log_abs_det_jacobian(value, unconstrained)
                 log_density = sum_rightmost(log_density, log_density.dim() - value.dim() + event_dim)
+                # its KL keeps the log-Jacobian (Pyro's Delta KL drops it), so that
+                # TraceMeanField_ELBO scores the guide as Trace_ELBO does
                 result[site_name] = pyro.sample(
-                    site_name, dist.Delta(value, log_density=log_density, event_dim=event_dim)
+                    site_name, _JacobianDelta(value, log_density=log_density, event_dim=event_dim)
                 )
         return result

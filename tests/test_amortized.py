@@ -8,10 +8,11 @@ import torch
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
-from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import ClippedAdam
 
 from pyro_nfvi.amortized import AmortizedFlow, AutoAmortizedFlow, ConditionalFlowPosterior
+from pyro_nfvi._validation import ArgumentError
 from pyro_nfvi.guides import AutoNormalizingFlow, AutoPlanarFlow
 from pyro_nfvi.helpers import planar_flow
 from pyro_nfvi.transforms import ConditionedPlanar, ConditionedRadial
@@ -421,3 +422,123 @@ def test_head_scale_travels_with_the_state_dict():
     old = {k: v for k, v in trained.state_dict().items() if k != "head_scale"}
     with pytest.raises(RuntimeError, match="head_scale"):  # a checkpoint from before the option
         fresh.load_state_dict(old)
+
+
+# ------------------------------------------------------------ constrained local sites
+@pytest.mark.parametrize("prior", [
+    dist.Normal(0.0, 1.0),  # unconstrained: the two ELBOs agreed before too
+    dist.Gamma(2.0, 2.0),
+    dist.LogNormal(0.0, 1.0),
+    dist.Dirichlet(torch.ones(3)),
+], ids=["normal", "gamma", "lognormal", "dirichlet"])
+def test_trace_mean_field_elbo_agrees_with_trace_elbo_on_local_sites(prior):
+    """Both ELBOs estimate the same quantity; on the same guide draws (same seed) they are
+    equal, since the KL of a local site must keep the support bijection's log-Jacobian."""
+    x = torch.rand(10, 1) + 0.5
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            t = pyro.sample("t", prior)
+            loc = t[..., 0] if prior.event_dim else t
+            pyro.sample("x", dist.Normal(loc, 0.5), obs=x[:, 0])
+
+    torch.manual_seed(0)
+    guide = AutoAmortizedFlow(model, plate="data", local_sites=["t"], encoder=torch.nn.Linear(1, 4),
+                              data_fn=lambda x: x, num_flows=2)
+    guide(x)
+    losses = []
+    for elbo in (Trace_ELBO, TraceMeanField_ELBO):
+        pyro.set_rng_seed(1)
+        with torch.no_grad():
+            losses.append(elbo(num_particles=20, vectorize_particles=True).loss(model, guide, x))
+    assert math.isfinite(losses[0])
+    assert losses[0] == pytest.approx(losses[1], abs=1e-3)
+
+
+def test_local_site_whose_bijection_changes_rank():
+    """A 3 x 3 correlation Cholesky factor per row is 3 unconstrained numbers, not 3 x 3."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 3)
+
+    def model(x):
+        with pyro.plate("data", x.shape[0]):
+            L = pyro.sample("L", dist.LKJCholesky(3, 1.0))
+            pyro.sample("x", dist.MultivariateNormal(torch.zeros(3), scale_tril=L), obs=x)
+
+    guide = AutoAmortizedFlow(model, plate="data", local_sites="L", encoder=torch.nn.Linear(3, 4),
+                              data_fn=lambda x: x, num_flows=2)
+    assert guide(x)["L"].shape == (6, 3, 3)
+    assert guide.local_dim == 3 and guide._local_shapes["L"] == (3,)
+    elbo = Trace_ELBO(num_particles=2, vectorize_particles=True)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), elbo)
+    losses = [svi.step(x) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses)
+    tr = poutine.trace(guide).get_trace(x)
+    assert tr.nodes["L"]["value"].shape == (6, 3, 3)
+
+
+# ------------------------------------------------------------------------ init_scale
+def test_init_scale_travels_with_the_state_dict():
+    torch.manual_seed(0)
+    trained = AmortizedFlow(3, 5, num_flows=2, init_scale=0.1)
+    fresh = AmortizedFlow(3, 5, num_flows=2)  # default init_scale 1.0
+    fresh.load_state_dict(trained.state_dict())
+    context, value = torch.randn(6, 5), torch.randn(6, 3)
+    assert fresh.init_scale == pytest.approx(0.1)
+    assert torch.allclose(fresh.params(context)[1], trained.params(context)[1])
+    assert torch.allclose(fresh(context).log_prob(value), trained(context).log_prob(value))
+    # a checkpoint from before the shift was stored loads with the module's own shift
+    old = {k: v for k, v in trained.state_dict().items() if "shift" not in k}
+    fresh = AmortizedFlow(3, 5, num_flows=2, init_scale=0.1)
+    fresh.load_state_dict(old)
+    assert torch.allclose(fresh(context).log_prob(value), trained(context).log_prob(value))
+
+
+def test_init_scale_extremes():
+    zero = torch.zeros(1, 3)
+    for s in (1e-30, 1e-3, 50.0, 710.0, 1e30):  # 710: math.expm1 overflows
+        q_net = AmortizedFlow(2, 3, num_flows=0, init_scale=s)
+        q_net.net[-1].weight.data.zero_()
+        q_net.net[-1].bias.data.zero_()
+        scale = q_net.params(zero)[1].detach()
+        assert torch.allclose(scale, torch.full((1, 2), s), rtol=1e-5, atol=0)
+    # the scale must be a normal float32: 0 or inf would make log_prob -inf/nan
+    for s in (1e-50, 1e39):
+        with pytest.raises(ArgumentError, match="init_scale"):
+            AmortizedFlow(2, 3, init_scale=s)
+        with pytest.raises(ArgumentError, match="init_scale"):  # before any model run
+            AutoAmortizedFlow(_local_model, plate="data", local_sites="z",
+                              encoder=torch.nn.Linear(1, 2), data_fn=lambda x: x[:, None],
+                              init_scale=s)
+
+
+# --------------------------------------------------------------- side effects, stl
+def test_setup_probes_the_encoder_in_eval_mode():
+    """One guide call runs the encoder once in training mode (on the model's minibatch):
+    sizing the head must not update a BatchNorm's running statistics too."""
+    torch.manual_seed(0)
+    x = torch.randn(40, 3)
+    enc = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.BatchNorm1d(8), torch.nn.Dropout(0.1))
+    enc[2].eval()  # a submodule the user put in eval mode stays so
+    guide = AutoAmortizedFlow(_global_local_model, plate="data", local_sites="z", encoder=enc,
+                              data_fn=lambda x, batch_size: x, num_flows=1)
+    guide(x, batch_size=4)
+    assert enc[1].num_batches_tracked.item() == 1
+    assert enc.training and enc[1].training and not enc[2].training
+
+
+def test_constructor_leaves_the_random_stream_alone():
+    encoder = torch.nn.Linear(1, 2)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    AutoAmortizedFlow(_local_model, plate="data", local_sites="z", encoder=encoder,
+                      data_fn=lambda x: x[:, None], num_flows=4, hidden_dims=[8])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_stl_must_be_bool():
+    for bad in ("no", 1, None):
+        with pytest.raises(ArgumentError, match="stl"):
+            AmortizedFlow(2, 3, stl=bad)
+    assert AmortizedFlow(2, 3, stl=True).stl is True
