@@ -323,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
         return tune_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed must be >= 0, got {args.seed}")
     try:  # every check before any fitting
         out = resolve_out(args.out, args.flow, args.num_flows)
     except ValueError as e:

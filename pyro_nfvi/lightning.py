@@ -117,6 +117,7 @@ import torch
 
 from ._compat import import_lightning_pytorch
 from ._rng import fork_rng
+from ._validation import check_int, check_positive
 
 try:
     pl = import_lightning_pytorch()
@@ -223,12 +224,11 @@ class PyroLightningModule(pl.LightningModule):
             elbo = Trace_ELBO()
         if not isinstance(elbo, ELBO):
             raise TypeError(f"elbo must be a pyro.infer.ELBO, got {type(elbo).__name__}")
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"lr must be a number > 0, got {lr!r}")
+        lr = check_positive(lr, "lr")
         if optimizer is not None and not callable(optimizer):
             raise TypeError("optimizer must be a function params -> torch.optim.Optimizer")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-            raise ValueError(f"seed must be None or an int >= 0, got {seed!r}")
+        if seed is not None:
+            seed = check_int(seed, "seed", minimum=0)
         if not callable(batch_to_args):
             raise TypeError("batch_to_args must be a function batch -> (args, kwargs)")
         self.loss_fn: ELBOModule = elbo(model, guide)

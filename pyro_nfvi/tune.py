@@ -66,7 +66,7 @@ import time
 import types
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import pyro
@@ -157,6 +157,19 @@ def _check_common(num_steps, num_trials, timeout, report_every, n_jobs, storage,
         )
     check_int(seed, "seed", minimum=0)
     return num_steps, num_trials, timeout, report_every, n_jobs
+
+
+def _check_optuna_extras(optuna, pruner, callbacks) -> None:
+    """``pruner`` and ``callbacks`` checked before any trial (a wrong type would fail
+    inside Optuna, at the first report or after the first trial)."""
+    if pruner is not None and not isinstance(pruner, optuna.pruners.BasePruner):
+        raise ArgumentError(f"pruner must be None or an optuna pruner (optuna.pruners.*), got {pruner!r}")
+    if callbacks is not None and (
+        isinstance(callbacks, (str, bytes)) or not isinstance(callbacks, Sequence)
+        or not all(callable(c) for c in callbacks)
+    ):
+        raise ArgumentError(
+            f"callbacks must be None or a sequence of callables f(study, trial), got {callbacks!r}")
 
 
 # ------------------------------------------------------------------------------ seeds
@@ -530,8 +543,11 @@ def tune(
         num_steps, num_trials, timeout, report_every, n_jobs, storage, seed)
     num_particles = check_int(num_particles, "num_particles")
     validation_particles = check_int(validation_particles, "validation_particles", minimum=2)
+    if guide_kwargs is not None and not isinstance(guide_kwargs, Mapping):
+        raise ArgumentError(f"guide_kwargs must be None or a dict of guide options, got {guide_kwargs!r}")
     guide_kwargs = dict(guide_kwargs or {})
     optuna = _import_optuna()
+    _check_optuna_extras(optuna, pruner, callbacks)
     fit_kw = dict(num_steps=num_steps, num_particles=num_particles, guide_kwargs=guide_kwargs,
                   validation_particles=validation_particles, report_every=report_every)
 
@@ -692,6 +708,7 @@ def tune_density(
     if bad:
         raise ArgumentError(f"tune_density sets {', '.join(bad)} itself; use its own arguments")
     optuna = _import_optuna()
+    _check_optuna_extras(optuna, pruner, callbacks)
     fit_kw = dict(dim=dim, num_steps=num_steps, validation_samples=validation_samples,
                   report_every=report_every, fit_kwargs=fit_kwargs)
 

@@ -375,6 +375,8 @@ def test_bad_arguments():
         PyroLightningModule(model, lambda *a: None)
     with pytest.raises(ValueError, match="lr must be"):
         PyroLightningModule(model, HandGuide(model), lr=0.0)
+    with pytest.raises(ValueError, match="lr must be"):
+        PyroLightningModule(model, HandGuide(model), lr=float("inf"))
     with pytest.raises(ValueError, match="seed"):
         PyroLightningModule(model, HandGuide(model), seed=-1)
 

@@ -90,6 +90,7 @@ def _fail_before_fitting(monkeypatch):
         (["--num-samples", "1"], "num-samples"),
         (["--out", "/nonexistent_dir_pyro_nfvi/x.png"], "does not exist"),
         (["--out", "fig.xyz"], "unsupported extension"),
+        (["--seed", "-5"], "--seed must be >= 0"),
     ],
 )
 def test_bad_arguments_rejected_before_fitting(argv, needle, monkeypatch, capsys, tmp_path):

@@ -187,6 +187,10 @@ def test_package_root_exports_callable_module():
     (dict(validation_particles=1), "validation_particles"),
     (dict(n_jobs=2), "n_jobs > 1 .* storage"),
     (dict(seed=-1), "seed"),
+    (dict(pruner="median"), "pruner must be None or an optuna pruner"),
+    (dict(guide_kwargs="full_rank"), "guide_kwargs must be None or a dict"),
+    (dict(callbacks=3), "callbacks must be None or a sequence of callables"),
+    (dict(callbacks=[3]), "callbacks must be None or a sequence of callables"),
 ])
 def test_argument_errors(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -198,6 +202,8 @@ def test_density_argument_errors():
         tune_density("U1", families=("sylvester",))
     with pytest.raises(ValueError, match="tune_density sets callback, flow itself"):
         tune_density("U1", callback=print, flow=None)
+    with pytest.raises(ValueError, match="pruner must be None or an optuna pruner"):
+        tune_density("U1", pruner="median")
     with pytest.raises(ValueError, match="validation_samples"):
         tune_density("U1", validation_samples=1)
     with pytest.raises(KeyError, match="unknown target 'U9'"):
