@@ -411,14 +411,21 @@ def test_head_scale_keeps_the_initial_posterior_and_scales_the_flow_step(flow):
         assert torch.allclose(step01, 0.1 * step1, atol=1e-6 * step1.abs().max().item(), rtol=1e-4)
 
 
-def test_head_scale_travels_with_the_state_dict():
+def _reloaded(num_flows, **options):
+    """A posterior built with ``options``, its state dict loaded into one built with the
+    defaults, and a context and value to compare their log-densities at."""
     torch.manual_seed(0)
-    trained = AmortizedFlow(3, 5, num_flows=4, head_scale=0.5)
-    fresh = AmortizedFlow(3, 5, num_flows=4)  # default head_scale 0.1
+    trained = AmortizedFlow(3, 5, num_flows=num_flows, **options)
+    fresh = AmortizedFlow(3, 5, num_flows=num_flows)
     fresh.load_state_dict(trained.state_dict())
     context, value = torch.randn(6, 5), torch.randn(6, 3)
-    assert fresh.head_scale.item() == 0.5
     assert torch.allclose(fresh(context).log_prob(value), trained(context).log_prob(value))
+    return trained, fresh, context, value
+
+
+def test_head_scale_travels_with_the_state_dict():
+    trained, fresh, _, _ = _reloaded(4, head_scale=0.5)  # default head_scale 0.1
+    assert fresh.head_scale.item() == 0.5
     old = {k: v for k, v in trained.state_dict().items() if k != "head_scale"}
     with pytest.raises(RuntimeError, match="head_scale"):  # a checkpoint from before the option
         fresh.load_state_dict(old)
@@ -479,14 +486,9 @@ def test_local_site_whose_bijection_changes_rank():
 
 # ------------------------------------------------------------------------ init_scale
 def test_init_scale_travels_with_the_state_dict():
-    torch.manual_seed(0)
-    trained = AmortizedFlow(3, 5, num_flows=2, init_scale=0.1)
-    fresh = AmortizedFlow(3, 5, num_flows=2)  # default init_scale 1.0
-    fresh.load_state_dict(trained.state_dict())
-    context, value = torch.randn(6, 5), torch.randn(6, 3)
+    trained, fresh, context, value = _reloaded(2, init_scale=0.1)  # default init_scale 1.0
     assert fresh.init_scale == pytest.approx(0.1)
     assert torch.allclose(fresh.params(context)[1], trained.params(context)[1])
-    assert torch.allclose(fresh(context).log_prob(value), trained(context).log_prob(value))
     # a checkpoint from before the shift was stored loads with the module's own shift
     old = {k: v for k, v in trained.state_dict().items() if "shift" not in k}
     fresh = AmortizedFlow(3, 5, num_flows=2, init_scale=0.1)

@@ -179,18 +179,26 @@ def test_a_support_that_depends_on_a_latent_site_is_named_at_setup():
         AutoPlanarFlow(model)()
 
 
-def test_initial_scales_are_halved_where_draws_collapse_the_log_joint():
-    # an exponential link fed a wide group scale times a placed site: at the prior median
-    # (sigma = 25) the curvature scales let a few draws reach exp(-h) ~ e^30 (halvings
-    # 2-3 over the seeds of init_to_median's prior draws)
+def _exp_link_model(group_scale: float):
+    """``h ~ Normal(mu, sigma)`` per datum with ``sigma ~ HalfCauchy(group_scale)`` and
+    ``y ~ Normal(0, exp(h / 2))``: a wide group scale feeding an exponential link, and 40
+    data points."""
     y = 0.3 * torch.randn(40, generator=torch.Generator().manual_seed(0))
 
     def model(y):
-        sigma = pyro.sample("sigma", dist.HalfCauchy(25.0))
+        sigma = pyro.sample("sigma", dist.HalfCauchy(group_scale))
         mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
         with pyro.plate("t", len(y)):
             h = pyro.sample("h", dist.Normal(mu, sigma))
             pyro.sample("y", dist.Normal(0.0, (h / 2).exp()), obs=y)
+
+    return model, y
+
+
+def test_initial_scales_are_halved_where_draws_collapse_the_log_joint():
+    # at the prior median (sigma = 25) the curvature scales let a few draws reach
+    # exp(-h) ~ e^30 (halvings 2-3 over the seeds of init_to_median's prior draws)
+    model, y = _exp_link_model(25.0)
 
     from pyro_nfvi._weights import _draw
     from pyro_nfvi.guides.curvature import _TAME_GAP_PER_DIM
@@ -388,14 +396,7 @@ def test_initial_centredness_stays_defined_where_the_curvature_overflows():
     inf/inf = NaN, which made the first draw fail (6 of 12 seeds)."""
     from pyro_nfvi.guides.curvature import init_from_curvature
 
-    y = 0.3 * torch.randn(40, generator=torch.Generator().manual_seed(0))
-
-    def model(y):
-        sigma = pyro.sample("sigma", dist.HalfCauchy(50.0))
-        mu = pyro.sample("mu", dist.Normal(0.0, 10.0))
-        with pyro.plate("t", len(y)):
-            h = pyro.sample("h", dist.Normal(mu, sigma))
-            pyro.sample("y", dist.Normal(0.0, (h / 2).exp()), obs=y)
+    model, y = _exp_link_model(50.0)
 
     for seed in (2, 3, 4, 7):
         pyro.clear_param_store()
