@@ -47,7 +47,7 @@ from pyro.infer.autoguide.utils import _product
 
 from ._validation import ArgumentError, check_context, check_hidden_dims, check_int, check_positive
 from .guides.flow import _JacobianDelta
-from .guides.posterior import _FlowPosterior
+from .guides.posterior import _FlowPosterior, eval_mode
 from .transforms.planar import ConditionedStackedPlanar
 from .transforms.radial import ConditionedStackedRadial
 from .transforms.sylvester import ConditionedStackedSylvester, _unpack_triu
@@ -537,18 +537,10 @@ class AutoAmortizedFlow(AutoGuide):
         """The amortized posterior, its head sized by the encoder's features of the
         plate's data."""
         data = self._plate_data(self._frame.size, None, args, kwargs)
-        # in eval mode, as build_flow probes flows: the probe must not update running
-        # statistics (BatchNorm) on rows the model did not use; each module's own mode
-        # is restored after
-        modes = [(m, m.training) for m in self.encoder.modules()]
-        try:
-            self.encoder.train(False)
-            with torch.no_grad():
-                features = self.encoder(data)
-        finally:
-            self.encoder.train(modes[0][1])
-            for m, training in modes:  # submodules the user had put in another mode
-                m.training = training
+        # a probe: in eval mode, so that it updates no running statistics (BatchNorm) on
+        # rows the model did not use
+        with eval_mode(self.encoder), torch.no_grad():
+            features = self.encoder(data)
         self._check_features(features, data)
         self.posterior = AmortizedFlow(
             self.local_dim, features.shape[-1], **self._posterior_kwargs

@@ -4,6 +4,7 @@ the base (``N(0, I)``, or a Student-t with learnable degrees of freedom) pushed 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Iterator, List
@@ -55,21 +56,30 @@ def build_flow(init_transform_fn, latent_dim: int, like: torch.Tensor) -> Transf
                 f"the model's latent dimension is {latent_dim}"
             )
         return transform
-    training = getattr(transform, "training", None)
     try:
-        if training:
-            transform.train(False)
-        with torch.no_grad():
+        with eval_mode(transform), torch.no_grad():
             transform(torch.zeros(1, latent_dim, dtype=like.dtype, device=like.device))
     except Exception as e:
         raise ValueError(
             f"init_transform_fn({latent_dim}) returned a transform that does not map vectors of "
             f"the model's latent dimension {latent_dim}: {type(e).__name__}: {e}"
         ) from e
-    finally:
-        if training:
-            transform.train(True)
     return transform
+
+
+@contextlib.contextmanager
+def eval_mode(module) -> Iterator[None]:
+    """Run a block with ``module`` (a ``torch.nn.Module``; anything else is left alone) in
+    eval mode, each submodule's own mode restored after: a probe run must not update
+    running statistics (BatchNorm) on inputs the model never sees."""
+    modes = [(m, m.training) for m in module.modules()] if isinstance(module, torch.nn.Module) else []
+    try:
+        for m, _ in modes:
+            m.training = False
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def elementary_parts(transforms) -> List[Transform]:
